@@ -1,0 +1,120 @@
+"""Chat records to training tensors: the tokenizer's own chat template, answers as the only labels.
+
+The seeds wrote each model's prompt format by hand and appended the pad token as the "end";
+the course renders through `tokenizer.apply_chat_template`, so training and inference share one
+format, and trains the family's real end-of-turn token, so the tuned model knows when to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import data
+from .registry import ChatFamily, Tutorial
+
+IGNORE = -100  # label value that cross-entropy skips: the prompt is context, not a target
+
+
+def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """The conversation as text, exactly as the model's chat template writes it."""
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def split_turns(tokenizer, messages: list[dict[str, str]], family: ChatFamily) -> list[tuple[str, bool]]:
+    """Cut a rendered conversation into (text, is_target) pieces.
+
+    Each assistant answer is a target together with the stop token that follows it in the
+    rendering. Where the template writes no stop token after the last answer (Qwen1.5, GLM-4),
+    the family's end-of-turn token is appended, so the model still learns to end its turn.
+    Anything after the last answer (a trailing newline) is dropped: it would only be padding.
+    """
+    full = render(tokenizer, messages)
+    pieces: list[tuple[str, bool]] = []
+    done = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
+        start = full.find(message["content"], len(prompt))
+        if not full.startswith(prompt) or start < 0:
+            raise ValueError(f"the chat template of {family.name} does not render message {i} "
+                             "after its prompt; cannot tell the answer from the prompt")
+        end = start + len(message["content"])
+        stop = next((s for s in family.stop_tokens if full.startswith(s, end)), None)
+        pieces.append((full[done:len(prompt)], False))
+        if stop is None:
+            if full[end:].strip():
+                raise ValueError(f"answer {i} is followed by neither a stop token nor the end")
+            pieces.append((full[len(prompt):end] + family.end_of_turn, True))
+        else:
+            pieces.append((full[len(prompt):end + len(stop)], True))
+        done = end + (len(stop) if stop else 0)
+    if not pieces:
+        raise ValueError("the conversation has no assistant message to learn from")
+    return pieces
+
+
+def tokenize_messages(messages: list[dict[str, str]], tokenizer, family: ChatFamily,
+                      max_length: int | None = None) -> dict[str, list[int]]:
+    """Token ids, attention mask and labels of one conversation.
+
+    Pieces are tokenized one by one, so the prompt has exactly the ids it gets at inference.
+    Over `max_length`, the last answer is cut but keeps its final (stop) token; a prompt that
+    leaves no room for an answer gives empty lists, which `build_dataset` counts and drops.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, is_target in split_turns(tokenizer, messages, family):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if is_target else [IGNORE] * len(ids)
+    if max_length is not None and len(input_ids) > max_length:
+        prompt_len = max(i for i, x in enumerate(labels) if x == IGNORE) + 1
+        if prompt_len >= max_length - 1:
+            return {"input_ids": [], "attention_mask": [], "labels": []}
+        keep = max_length - 1
+        input_ids = input_ids[:keep] + input_ids[-1:]
+        labels = labels[:keep] + labels[-1:]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+@dataclass
+class FormatReport:
+    """What tokenization did to a dataset: nothing is cut or dropped without being counted."""
+
+    examples: int
+    truncated: int
+    dropped: int
+    tokens: int
+    max_length: int
+
+    def __str__(self) -> str:
+        return (f"{self.examples} examples, {self.tokens} tokens (mean "
+                f"{self.tokens / max(self.examples, 1):.0f}); {self.truncated} answers cut to "
+                f"max_length={self.max_length} (end token kept), {self.dropped} dropped "
+                "(prompt longer than max_length)")
+
+
+def build_dataset(ds, tokenizer, tutorial: Tutorial, system: str | None = None,
+                  max_length: int | None = None):
+    """Tokenize a dataset of instruction records with `datasets.map`; returns (dataset, report).
+
+    `system` defaults to the tutorial's system prompt; pass "" for the model's own default.
+    """
+    system = tutorial.system_prompt if system is None else system
+    max_length = max_length or tutorial.config.max_length
+
+    def one(record: dict) -> dict:
+        messages = data.to_messages(record, system=system or None)
+        full = tokenize_messages(messages, tokenizer, tutorial.family)
+        out = full if len(full["input_ids"]) <= max_length else tokenize_messages(
+            messages, tokenizer, tutorial.family, max_length)
+        return {**out, "cut": len(full["input_ids"]) > max_length}
+
+    mapped = ds.map(one, remove_columns=ds.column_names, desc="tokenizing")
+    cut = sum(mapped["cut"])
+    kept = mapped.filter(lambda ex: len(ex["input_ids"]) > 0).remove_columns("cut")
+    report = FormatReport(len(kept), cut - (len(mapped) - len(kept)), len(mapped) - len(kept),
+                          sum(len(x) for x in kept["input_ids"]), max_length)
+    return kept, report

@@ -1,0 +1,139 @@
+"""Chat with a model, stream its answer, save, reload and merge LoRA adapters.
+
+Prompts go through the same `formatting.render` as training, and generation stops on every stop
+token of the family: a tuned model that was trained to end its turn is also asked to stop there.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import formatting, models
+from .registry import ChatFamily, Tutorial
+
+
+@dataclass
+class Reply:
+    """One generated answer: its text, its new token ids, and whether it ended on a stop token."""
+
+    text: str
+    token_ids: list[int]
+    stopped: bool  # False means it ran into max_new_tokens without ending its turn
+
+
+def _messages(question: str | list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    if isinstance(question, str):
+        question = [{"role": "user", "content": question}]
+    return ([{"role": "system", "content": system}] if system else []) + list(question)
+
+
+def _inputs(model, tokenizer, messages: list[dict[str, str]]):
+    text = formatting.render(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+
+
+def _generate_kwargs(tokenizer, family: ChatFamily, max_new_tokens: int, **gen) -> dict:
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False,
+              "eos_token_id": models.stop_ids(tokenizer, family),
+              "pad_token_id": tokenizer.pad_token_id}
+    if gen.get("temperature", 0) > 0:  # sampling only when asked for
+        kwargs.update(do_sample=True, top_p=gen.pop("top_p", 0.9))
+    kwargs.update(gen)
+    if not kwargs["do_sample"]:
+        kwargs.pop("temperature", None), kwargs.pop("top_p", None)
+    return kwargs
+
+
+def chat(model, tokenizer, question: str | list[dict[str, str]], family: ChatFamily,
+         system: str | None = None, max_new_tokens: int = 256, **gen) -> Reply:
+    """Answer one question (or continue a message list); greedy unless temperature > 0."""
+    import torch
+
+    inputs = _inputs(model, tokenizer, _messages(question, system))
+    with torch.no_grad():
+        out = model.generate(**inputs, **_generate_kwargs(tokenizer, family, max_new_tokens, **gen))
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    stops = set(models.stop_ids(tokenizer, family))
+    return Reply(tokenizer.decode(new, skip_special_tokens=True).strip(), new,
+                 bool(new) and new[-1] in stops)
+
+
+def stream_chat(model, tokenizer, question: str | list[dict[str, str]], family: ChatFamily,
+                system: str | None = None, max_new_tokens: int = 256, timeout: float = 60.0,
+                **gen) -> Iterator[str]:
+    """Yield the answer piece by piece as it is generated (for a chat UI).
+
+    `generate` runs in a thread and feeds a TextIteratorStreamer; its `timeout` ends a stalled
+    generation with `queue.Empty` instead of hanging the reader forever.
+    """
+    from transformers import TextIteratorStreamer
+
+    inputs = _inputs(model, tokenizer, _messages(question, system))
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                    timeout=timeout)
+    kwargs = {**inputs, **_generate_kwargs(tokenizer, family, max_new_tokens, **gen), "streamer": streamer}
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            model.generate(**kwargs)
+        except BaseException as err:  # re-raised in the reader's thread below
+            errors.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join(timeout)
+    if errors:
+        raise errors[0]
+
+
+def save_adapter(model, tokenizer, path: str | Path) -> Path:
+    """Save the LoRA adapter with the tokenizer and the generation config (stop tokens) beside it."""
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    model.generation_config.save_pretrained(path)
+    return path
+
+
+def load_adapter(tutorial: Tutorial, path: str | Path, quant: str = "bf16",
+                 smoke_mode: bool | None = None):
+    """(model, tokenizer): the tutorial's base model with a saved adapter on top, for inference."""
+    from peft import PeftModel
+    from transformers import GenerationConfig
+
+    model, tokenizer = models.load_model(tutorial, quant=quant, smoke_mode=smoke_mode)
+    model = PeftModel.from_pretrained(model, str(path))
+    if (Path(path) / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model.eval(), tokenizer
+
+
+def merge(model):
+    """Fold the adapter into the base weights (W + B·A·alpha/r): a plain model, no peft needed.
+
+    Merge into bf16 weights, never into 4-bit ones: rounding the sum back to 4 bits loses most
+    of what the adapter learned (load the base in bf16 first, as `merge_and_save` does).
+    """
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model.base_model, "is_loaded_in_4bit", False):
+        raise ValueError("refusing to merge into 4-bit weights: load the base model in bf16 "
+                         "(inference.merge_and_save does) and merge there")
+    return model.merge_and_unload()
+
+
+def merge_and_save(tutorial: Tutorial, adapter: str | Path, out: str | Path,
+                   smoke_mode: bool | None = None) -> Path:
+    """Load base (bf16) + adapter in this plain process, merge, save model, tokenizer, stop tokens.
+
+    Run it outside DeepSpeed: under ZeRO-3 the weights are partitioned and merging fails.
+    """
+    model, tokenizer = load_adapter(tutorial, adapter, smoke_mode=smoke_mode)
+    merged = merge(model)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)

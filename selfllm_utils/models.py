@@ -1,0 +1,142 @@
+"""Tokenizer and model loading (ModelScope download, bf16 or 4-bit), and LoRA through peft.
+
+One call serves both paths: in smoke mode the folder is a cached stand-in (smoke.py), otherwise
+the real weights from ModelScope; either way `from_pretrained` loads it the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import registry, smoke
+from .registry import ChatFamily, TrainConfig, Tutorial
+
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+
+
+def download(tutorial: Tutorial) -> Path:
+    """The real weights from ModelScope into the course cache (resumes a cut-off download)."""
+    try:
+        from modelscope import snapshot_download
+
+        path = snapshot_download(tutorial.modelscope_id, cache_dir=str(registry.home() / "models"))
+    except Exception as err:  # network errors come in many types; one line tells the learner
+        raise RuntimeError(
+            f"could not download {tutorial.modelscope_id} from ModelScope "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}). "
+            "Are you offline? Fill the cache on a connected machine with `selfllm download "
+            f"{tutorial.key}` and point SELFLLM_HOME at it, or set SELFLLM_SMOKE=1."
+        ) from None
+    return check_model_dir(Path(path))
+
+
+def check_model_dir(path: Path) -> Path:
+    """Refuse a folder that cannot load, with a sentence instead of a stack trace mid-training."""
+    config = path / "config.json"
+    if not config.exists():
+        raise RuntimeError(f"{path} has no config.json: not a model folder, or a partial download")
+    if json.loads(config.read_text()).get("model_type") == "chatglm":
+        raise RuntimeError(f"{path} is the remote-code GLM-4 checkpoint (ZhipuAI/glm-4-9b-chat), whose "
+                           "code breaks as transformers moves; use ZhipuAI/glm-4-9b-chat-hf instead")
+    if not any(f for pattern in WEIGHT_FILES for f in path.glob(pattern)):
+        raise RuntimeError(f"{path} has no weight files: the download was cut off; run it again")
+    return path
+
+
+def model_path(tutorial: Tutorial, smoke_mode: bool | None = None) -> Path:
+    """Where the tutorial's weights are: the smoke stand-in or the downloaded real model."""
+    use_smoke = registry.smoke_mode() if smoke_mode is None else smoke_mode
+    return smoke.model_dir(tutorial) if use_smoke else download(tutorial)
+
+
+def stop_ids(tokenizer, family: ChatFamily) -> list[int]:
+    """Ids of every token that ends an answer in this family (generation stops on any)."""
+    ids = tokenizer.convert_tokens_to_ids(list(family.stop_tokens))
+    if tokenizer.convert_ids_to_tokens(ids) != list(family.stop_tokens):
+        raise ValueError(f"tokenizer lacks a stop token of {family.name}: {family.stop_tokens}")
+    return ids
+
+
+def load_tokenizer(path: Path | str, family: ChatFamily):
+    """The model's own tokenizer, padded on the right, with a pad token if it lacks one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = family.pad_token
+    return tokenizer
+
+
+def _quantization(dtype):
+    """nf4 with double quantisation: 4-bit weights (~0.5 byte a parameter), computed in `dtype`.
+
+    nf4 spaces its 16 levels like the normal distribution of trained weights; double quantisation
+    also stores the per-block scales in 8 bits, saving another ~0.4 GB on a 7B model.
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+
+
+def load_model(tutorial: Tutorial, quant: str = "bf16", smoke_mode: bool | None = None,
+               path: Path | str | None = None):
+    """(model, tokenizer) of a tutorial: bf16 (or fp32 on a CPU), or 4-bit with quant="4bit".
+
+    The model's generation config gets the family's stop tokens, so `generate` and anything
+    saved from this model stop at the end of a turn. Under a distributed launcher (DeepSpeed)
+    no device_map is set: the engine places the weights.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if quant not in ("bf16", "4bit"):
+        raise ValueError(f"quant must be 'bf16' or '4bit', got {quant!r}")
+    path = path or model_path(tutorial, smoke_mode)
+    tokenizer = load_tokenizer(path, tutorial.family)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kwargs = {"dtype": dtype}
+    if cuda and "WORLD_SIZE" not in os.environ:
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if quant == "4bit":
+        kwargs["quantization_config"] = _quantization(dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.generation_config.eos_token_id = stop_ids(tokenizer, tutorial.family)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def lora_config(tutorial: Tutorial, cfg: TrainConfig):
+    """peft's LoraConfig on the registry's target modules for this architecture."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=list(tutorial.lora_targets),
+                      r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+
+
+def add_lora(model, tutorial: Tutorial, cfg: TrainConfig):
+    """Wrap a model with LoRA, ready to train, with or without gradient checkpointing.
+
+    With checkpointing and a frozen base, no input of a checkpointed block requires grad and
+    backward fails ("element 0 of tensors does not require grad", the seeds' most reported
+    error); `enable_input_require_grads` and non-reentrant checkpointing prevent it. A 4-bit
+    model goes through peft's `prepare_model_for_kbit_training`, which does the same.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    ckpt = {"use_reentrant": False}
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, cfg.gradient_checkpointing, ckpt)
+    elif cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+        model.enable_input_require_grads()
+    # a training forward that builds a KV cache also breaks packed batches (COURSE.md)
+    model.config.use_cache = False
+    return get_peft_model(model, lora_config(tutorial, cfg))

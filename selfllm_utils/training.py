@@ -1,0 +1,134 @@
+"""Training with the library's own Trainer: arguments from the registry, the fast collator, a loss curve.
+
+The seeds padded every batch to its longest example; for Chat-甄嬛 (82 tokens on average) most of
+the GPU's work was on pad tokens. The course's default lays the examples of a batch end to end
+(`DataCollatorWithFlattening`): no pad tokens, and positions that restart per example keep them
+apart in attention (tested in tests/test_training.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .registry import TrainConfig
+
+LOSS_PNG = "loss.png"
+
+
+def training_args(cfg: TrainConfig, output_dir: str | Path, **overrides):
+    """`TrainingArguments` from a TrainConfig; keyword overrides win (e.g. eval settings).
+
+    Gradient checkpointing is switched on by `models.add_lora` on the model itself (the
+    argument's name differs between transformers releases), not here.
+    """
+    import torch
+    from transformers import TrainingArguments
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    kwargs = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        warmup_steps=cfg.warmup_steps, optim=cfg.optim, seed=cfg.seed, bf16=bf16,
+        report_to="none", save_total_limit=2,
+        # packed batches have no attention_mask column to keep; the collator builds what is needed
+        remove_unused_columns=False,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def collator(tokenizer, packing: bool):
+    """Padding-free flattening when packing, else padding to the longest of each batch."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True, label_pad_token_id=-100)
+
+
+class LossCurve(TrainerCallback):
+    """Draws the training (and eval) loss as it is logged, and saves the final plot as a PNG.
+
+    In a notebook the figure updates in place; elsewhere it is only saved.
+    """
+
+    def __init__(self, path: str | Path | None = None, live: bool | None = None):
+        self.path = Path(path) if path else None
+        self.live = _in_notebook() if live is None else live
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.eval_steps: list[int] = []
+        self.eval_losses: list[float] = []
+        self._handle = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.steps.append(state.global_step)
+            self.losses.append(float(logs["loss"]))
+        if "eval_loss" in logs:
+            self.eval_steps.append(state.global_step)
+            self.eval_losses.append(float(logs["eval_loss"]))
+        if self.live and self.losses:
+            self._show()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        path = self.path or Path(args.output_dir) / LOSS_PNG
+        if self.losses and state.is_world_process_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.figure().savefig(path, dpi=100, bbox_inches="tight")
+            self.path = path
+
+    def figure(self):
+        import matplotlib
+
+        matplotlib.use("Agg") if not self.live else None
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(self.steps, self.losses, marker=".", label="train")
+        if self.eval_losses:
+            ax.plot(self.eval_steps, self.eval_losses, marker="o", label="eval")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        plt.close(fig)
+        return fig
+
+    def _show(self) -> None:
+        from IPython.display import display
+
+        fig = self.figure()
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+
+        return get_ipython() is not None and hasattr(get_ipython(), "kernel")
+    except ImportError:
+        return False
+
+
+def make_trainer(model, tokenizer, train_ds, cfg: TrainConfig, output_dir: str | Path,
+                 eval_ds=None, callbacks: list | None = None, **overrides):
+    """A `Trainer` with the course's collator and a LossCurve (find it as `trainer.loss_curve`)."""
+    from transformers import Trainer
+
+    curve = LossCurve()
+    trainer = Trainer(
+        model=model, args=training_args(cfg, output_dir, **overrides), train_dataset=train_ds,
+        eval_dataset=eval_ds, data_collator=collator(tokenizer, cfg.packing),
+        processing_class=tokenizer, callbacks=[curve, *(callbacks or [])],
+    )
+    trainer.loss_curve = curve
+    return trainer
