@@ -8,6 +8,7 @@ apart in attention (tested in tests/test_training.py).
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -27,12 +28,14 @@ def training_args(cfg: TrainConfig, output_dir: str | Path, **overrides):
     from transformers import TrainingArguments
 
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    liger = cfg.use_liger and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel")
     kwargs = dict(
         output_dir=str(output_dir), per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         warmup_steps=cfg.warmup_steps, optim=cfg.optim, seed=cfg.seed, bf16=bf16,
+        use_liger_kernel=bool(liger),
         report_to="none", save_total_limit=2,
         # packed batches have no attention_mask column to keep; the collator builds what is needed
         remove_unused_columns=False,

@@ -1,0 +1,265 @@
+"""Training speed of the course's recipes on one GPU, side by side: one JSON line per configuration.
+
+Full-size architectures (shapes from the registry's reference configs) with random weights, trained
+with the package's own helpers (models.load_model, models.add_lora, training.make_trainer) on
+token sequences whose lengths follow the Chat-甄嬛 data. Each configuration runs in a fresh process
+so memory figures do not mix. Run on a GPU machine:
+
+    python benchmarks/train_speed.py                       # every configuration
+    python benchmarks/train_speed.py --only qwen2-course   # one
+    python benchmarks/train_speed.py --list
+
+Printed per configuration: tokens/s of real (non-pad) tokens, peak allocated and reserved GPU
+memory, MFU against the bf16 matmul rate measured in the same run, and the mean loss of the last
+steps (quality check: same data, same number of sequences seen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from selfllm_utils import registry
+
+HERE = Path(__file__).resolve().parent
+R = registry
+
+# name: (tutorial, quant, TrainConfig, options). Options: trl (TRL's SFTTrainer), cap_gib
+# (torch.cuda.set_per_process_memory_fraction), pack_tokens (TRL's packed length).
+QWEN2 = R.get("qwen2")
+DEEPSEEK = R.get("deepseek")
+GLM4 = R.get("glm4")
+FAST = dataclasses.replace(QWEN2.config, gradient_checkpointing=False, per_device_train_batch_size=48)
+CONFIGS: dict[str, tuple] = {
+    "qwen2-seed": ("qwen2", "bf16", QWEN2.seed_config, {}),
+    "qwen2-course-24g": ("qwen2", "bf16", QWEN2.config, {"cap_gib": 24}),
+    "qwen2-course": ("qwen2", "bf16", FAST, {}),
+    "qwen2-trl-best": ("qwen2", "bf16", FAST, {"trl": True, "pack_tokens": 4096}),
+    "deepseek-qlora-seed": ("deepseek", "4bit", DEEPSEEK.seed_config, {}),
+    "deepseek-qlora-course": ("deepseek", "4bit", DEEPSEEK.config, {}),
+    "glm4-course-24g": ("glm4", "bf16", GLM4.config, {"cap_gib": 24}),
+}
+
+
+def matmul_tflops() -> float:
+    """bf16 8192^3 matrix product rate on this GPU: the bound MFU is measured against."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
+
+
+def chat_lengths(n: int, mean_tokens: float = 82.0, seed: int = 0) -> list[tuple[int, int]]:
+    """(prompt, answer) token counts shaped like Chat-甄嬛, scaled to its measured mean of 82."""
+    import random
+
+    from selfllm_utils import data
+
+    path = data.find_huanhuan()
+    if path:
+        recs, _ = data.load_records(path)
+        pairs = [(len(r["instruction"]) + 20, len(r["output"]) + 1) for r in recs]
+    else:  # the shipped sample, if the real data is absent
+        recs, _ = data.load_records(R.repo_root() / "dataset" / "huanhuan_sample.json")
+        pairs = [(len(r["instruction"]) + 20, len(r["output"]) + 1) for r in recs]
+    scale = mean_tokens / (sum(p + a for p, a in pairs) / len(pairs))
+    rng = random.Random(seed)
+    return [(max(1, round(p * scale)), max(2, round(a * scale))) for p, a in rng.choices(pairs, k=n)]
+
+
+def synthetic_dataset(n: int, vocab: int):
+    """Random token ids with those lengths; labels mask the prompt like formatting.py does."""
+    import random
+
+    import datasets
+
+    rng = random.Random(1)
+    rows = []
+    for p, a in chat_lengths(n):
+        ids = [rng.randrange(100, vocab) for _ in range(p + a)]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * p + ids[p:]})
+    return datasets.Dataset.from_list(rows)
+
+
+def build_random_model(tutorial, folder: Path) -> Path:
+    """Save a random-weight model of the full-size shape, with the family's stand-in tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from selfllm_utils import smoke
+
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = smoke.build_tokenizer(tutorial.family)
+    config = AutoConfig.for_model(**tutorial.reference_config)
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+class StepTimer:
+    """Trainer callback: wall time and real tokens of each optimizer step, after a warm-up."""
+
+    def __init__(self, counts: list[int], warmup: int = 3):
+        from transformers import TrainerCallback
+
+        self.counts, self.warmup, self.times, self.losses = counts, warmup, [], []
+        self.mark = 0
+        outer = self
+
+        class CB(TrainerCallback):
+            # Batches are fetched before on_step_begin, so a step's tokens and time are counted
+            # from one step end to the next: data loading is part of the step's cost.
+            def on_train_begin(self, args, state, control, **kw):
+                outer.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                import torch
+
+                torch.cuda.synchronize()
+                now = time.perf_counter()
+                outer.times.append((now - outer.t0, sum(outer.counts[outer.mark:])))
+                outer.t0, outer.mark = now, len(outer.counts)
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    outer.losses.append(float(logs["loss"]))
+
+        self.callback = CB()
+
+    def tokens_per_s(self) -> float:
+        steady = self.times[self.warmup:]
+        return sum(n for _, n in steady) / sum(t for t, _ in steady)
+
+
+def counting(collate, counts: list[int]):
+    """Wrap a collator to count the real tokens of every micro-batch it builds."""
+
+    def run(features):
+        counts.append(sum(len(f["input_ids"]) for f in features))
+        return collate(features)
+
+    return run
+
+
+def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
+    import torch
+
+    from selfllm_utils import models, training
+
+    key, quant, cfg, opts = CONFIGS[name]
+    tutorial = R.get(key)
+    if opts.get("cap_gib"):
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(opts["cap_gib"] / total)
+    folder = build_random_model(tutorial, workdir / key)
+    model, tokenizer = models.load_model(tutorial, quant=quant, path=folder)
+    cfg = dataclasses.replace(cfg, max_steps=steps, logging_steps=1, save_steps=10**6,
+                              use_liger=cfg.use_liger and not opts.get("trl"))
+    seqs = steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    ds = synthetic_dataset(max(seqs, 512), vocab=len(tokenizer))
+    counts: list[int] = []
+    timer = StepTimer(counts)
+    torch.cuda.reset_peak_memory_stats()
+    if opts.get("trl"):
+        trainer = trl_trainer(model, tokenizer, ds, tutorial, cfg, opts, workdir / name)
+    else:
+        peft_model = models.add_lora(model, tutorial, cfg)
+        trainer = training.make_trainer(peft_model, tokenizer, ds, cfg, workdir / name,
+                                        callbacks=[timer.callback], disable_tqdm=True)
+    trainer.data_collator = counting(trainer.data_collator, counts)
+    if opts.get("trl"):
+        trainer.add_callback(timer.callback)
+    trainer.train()
+    tps = timer.tokens_per_s()
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if quant == "4bit":  # packed 4-bit weights count two parameters per byte
+        n_params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1)
+                       for n, p in model.named_parameters() if "embed_tokens" not in n)
+    return {
+        "config": name, "gpu": torch.cuda.get_device_name(0), "tokens_per_s": round(tps),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "mfu": round(4 * n_params * tps / (tflops * 1e12), 4), "matmul_tflops": round(tflops),
+        "loss_last5": round(sum(timer.losses[-5:]) / len(timer.losses[-5:]), 4),
+        "steps": steps, "seqs_per_step": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+        "packing": cfg.packing, "checkpointing": cfg.gradient_checkpointing, "liger": cfg.use_liger,
+        "optim": cfg.optim, "cap_gib": opts.get("cap_gib"),
+    }
+
+
+def trl_trainer(model, tokenizer, ds, tutorial, cfg, opts, out):
+    """TRL's SFTTrainer at its best settings measured here: best-fit packing, padding-free, Liger."""
+    from trl import SFTConfig, SFTTrainer
+
+    from selfllm_utils import models
+
+    args = SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=1,
+        max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, logging_steps=1, bf16=True,
+        packing=True, packing_strategy="bfd", padding_free=True, max_length=opts["pack_tokens"],
+        gradient_checkpointing=cfg.gradient_checkpointing, use_liger_kernel=True,
+        report_to="none", save_strategy="no", completion_only_loss=True, disable_tqdm=True,
+    )
+    ds = ds.map(lambda ex: {"completion_mask": [int(x != -100) for x in ex["labels"]]})
+    ds = ds.remove_columns(["labels", "attention_mask"])
+    return SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                      peft_config=models.lora_config(tutorial, cfg))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated configuration names")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--workdir", default="/tmp/selfllm-bench")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--tflops", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(CONFIGS))
+        return
+    if args.child:
+        print("RESULT " + json.dumps(run_one(args.child, args.steps, args.tflops, Path(args.workdir))), flush=True)
+        return
+    tflops = matmul_tflops()
+    names = args.only.split(",") if args.only else list(CONFIGS)
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),
+               "--tflops", str(tflops), "--workdir", args.workdir]
+        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [l[7:] for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if lines:
+            print(lines[-1], flush=True)
+        else:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            print(json.dumps({"config": name, "error": " | ".join(tail)[-600:]}), flush=True)
+        key = CONFIGS[name][0]
+        if all(CONFIGS[n][0] != key for n in names[names.index(name) + 1:]):
+            shutil.rmtree(Path(args.workdir) / key, ignore_errors=True)  # a 7-9B folder is 15-19 GB
+
+
+if __name__ == "__main__":
+    main()
