@@ -1,0 +1,200 @@
+"""The chat WebDemo, driven by Streamlit's AppTest in smoke mode (no browser, no server).
+
+The qwen2 stand-in is SmolLM2-135M-Instruct, a real chat model, so the basic test checks a real
+answer; `st.cache_resource` is shared by the AppTests of one process, so it loads once. The spy
+on `webdemo.generate` (the page's one call into the model) shows what reaches the model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from selfllm_utils import formatting, inference, models, registry, webdemo
+
+RUN_TIMEOUT = 180  # seconds per script run: the first one loads the model on 2 busy cores
+QUESTION = "What is the capital of France?"
+ANSWER_WORD = "Paris"  # SmolLM2's greedy answer: "The capital of France is Paris."
+SHORT = 8  # max new tokens where the answer's content does not matter (keeps tests fast)
+
+
+@pytest.fixture
+def app(monkeypatch):
+    """Start the app with the given app arguments (the env var webdemo reads instead of argv)."""
+    monkeypatch.setenv("SELFLLM_SMOKE", "1")  # never the real 7B model, even on a GPU machine
+
+    def start(args: str = "--tutorial qwen2", max_new_tokens: int | None = SHORT) -> AppTest:
+        monkeypatch.setenv(webdemo.ARGS_ENV, args)
+        at = AppTest.from_file(webdemo.__file__, default_timeout=RUN_TIMEOUT).run()
+        assert not at.exception, at.exception
+        if max_new_tokens is not None:
+            at.slider(key="max_new_tokens").set_value(max_new_tokens)
+        return at
+
+    return start
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[dict]:
+    """Every `webdemo.generate` call (arguments and streamed pieces); the real model answers."""
+    seen: list[dict] = []
+    real = webdemo.generate
+
+    def spy(served, messages, max_new_tokens, temperature, top_p, timeout):
+        call = {"served": served, "messages": messages, "max_new_tokens": max_new_tokens,
+                "temperature": temperature, "top_p": top_p, "timeout": timeout, "pieces": []}
+        seen.append(call)
+        for piece in real(served, messages, max_new_tokens, temperature, top_p, timeout):
+            call["pieces"].append(piece)
+            yield piece
+
+    monkeypatch.setattr(webdemo, "generate", spy)
+    return seen
+
+
+def ask(at: AppTest, text: str) -> AppTest:
+    at.chat_input[0].set_value(text).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def chat(at: AppTest) -> list[tuple[str, str]]:
+    """(role, text) of every chat bubble on the page."""
+    return [(m.name, m.markdown[-1].value if len(m.markdown) else "") for m in at.chat_message]
+
+
+def history(at: AppTest) -> list[dict]:
+    return at.session_state["messages"]
+
+
+def test_question_is_answered_streamed_history_grows_and_clears(app, calls):
+    at = app(max_new_tokens=None)  # the default (512): the model ends its turn by itself
+    assert webdemo.NO_ADAPTER in at.info[0].value and "smoke stand-in" in at.info[0].value
+    ask(at, QUESTION)
+    role, answer = chat(at)[-1]
+    assert role == "assistant" and ANSWER_WORD in answer
+    assert len(calls[-1]["pieces"]) > 1  # streamed piece by piece, not in one block
+    assert history(at) == [{"role": "user", "content": QUESTION},
+                           {"role": "assistant", "content": answer}]
+
+    at.slider(key="max_new_tokens").set_value(SHORT)
+    ask(at, "And of Germany?")
+    assert len(history(at)) == 4 and [r for r, _ in chat(at)] == ["user", "assistant"] * 2
+    tokenizer = calls[-1]["served"].tokenizer
+    prompt = formatting.render(tokenizer, calls[-1]["messages"], add_generation_prompt=True)
+    assert QUESTION in prompt and answer in prompt and "And of Germany?" in prompt  # multi-turn
+
+    at.sidebar.button[0].click().run()
+    assert history(at) == [] and chat(at) == []
+
+
+def test_sidebar_settings_reach_generation(app, calls):
+    at = app(max_new_tokens=4)
+    at.text_area(key="system").set_value("You are a pirate who loves the sea.")
+    at.slider(key="temperature").set_value(0.7)
+    at.slider(key="top_p").set_value(0.5)
+    ask(at, "Tell me a long story about the sea.")
+    call = calls[-1]
+    assert (call["max_new_tokens"], call["temperature"], call["top_p"]) == (4, 0.7, 0.5)
+    tokenizer = call["served"].tokenizer
+    prompt = formatting.render(tokenizer, call["messages"], add_generation_prompt=True)
+    assert "You are a pirate who loves the sea." in prompt
+    answer = chat(at)[-1][1]
+    assert 0 < len(tokenizer(answer, add_special_tokens=False)["input_ids"]) <= 4
+
+
+def test_empty_input_is_ignored(app, calls):
+    at = ask(app(), "   ")
+    assert chat(at) == [] and history(at) == [] and calls == []
+
+
+def test_generation_error_is_shown_and_the_app_keeps_serving(app, monkeypatch):
+    def broken(*args, **kwargs):
+        yield "half an answer "
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    real = webdemo.generate
+    monkeypatch.setattr(webdemo, "generate", broken)
+    at = ask(app(), QUESTION)
+    assert "CUDA out of memory (simulated)" in at.error[0].value
+    assert history(at) == []  # the failed turn is not kept
+
+    monkeypatch.setattr(webdemo, "generate", real)
+    ask(at, QUESTION)
+    assert not at.error and chat(at)[-1][0] == "assistant" and chat(at)[-1][1].strip()
+    assert len(history(at)) == 2
+
+
+def test_stalled_generation_ends_with_a_timeout(app, monkeypatch):
+    real = webdemo.generate
+
+    def stalled(served, *args):
+        forward = served.model.forward
+
+        def slow(*a, **k):
+            time.sleep(1.5)  # longer than --timeout: no token arrives in time
+            return forward(*a, **k)
+
+        served.model.forward = slow
+        try:
+            yield from real(served, *args)
+        finally:
+            del served.model.forward  # the class's forward again
+
+    monkeypatch.setattr(webdemo, "generate", stalled)
+    at = ask(app("--tutorial qwen2 --timeout 0.3"), QUESTION)
+    assert "timeout" in at.error[0].value and history(at) == []
+
+
+def test_long_input_is_cut_to_the_context_limit_with_a_note(app, calls):
+    limit = 192
+    at = ask(app(f"--tutorial qwen2 --max-context {limit}"), "Hi!")
+    assert not at.warning
+    ask(at, "word " * 400)
+    note = at.warning[0].value
+    assert "2 oldest messages were left out" in note and "cut to its first" in note
+    call = calls[-1]
+    assert webdemo.prompt_length(call["served"].tokenizer, call["messages"]) + SHORT <= limit
+    assert chat(at)[-1][0] == "assistant" and len(history(at)) == 4
+
+
+def test_adapter_is_served_and_named(app, calls, tmp_path):
+    tutorial = registry.get("qwen1.5")  # a tiny random model: the adapter only needs to load
+    model, tokenizer = models.load_model(tutorial, smoke_mode=True)
+    adapter = inference.save_adapter(models.add_lora(model, tutorial, registry.smoke_config(tutorial)),
+                                     tokenizer, tmp_path / "adapter")
+    at = ask(app(f"--tutorial qwen1.5 --adapter {adapter}", max_new_tokens=4), "你是谁？")
+    assert str(adapter) in at.info[0].value and webdemo.NO_ADAPTER not in at.info[0].value
+    assert not at.warning and type(calls[-1]["served"].model).__name__.startswith("Peft")
+    assert chat(at)[-1][0] == "assistant" and chat(at)[-1][1]
+
+    # an adapter trained on another base model is served, with a warning on the page
+    other = shutil.copytree(adapter, tmp_path / "other")
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/root/autodl-tmp/qwen/Qwen2-7B-Instruct"
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    at = app(f"--tutorial qwen1.5 --adapter {other}")
+    assert "Qwen2-7B-Instruct" in at.warning[0].value
+
+
+def test_missing_adapter_is_an_error_on_the_page(app, tmp_path):
+    at = app(f"--tutorial qwen2 --adapter {tmp_path}", max_new_tokens=None)
+    assert "no adapter_config.json" in at.error[0].value
+
+
+def test_command_binds_locally_headless_without_usage_stats(tmp_path):
+    cmd = webdemo.command("qwen2", None, 8600)
+    args = dict(zip(cmd, cmd[1:]))
+    assert args["--server.address"] == "127.0.0.1" and args["--server.port"] == "8600"
+    assert args["--server.headless"] == "true" and args["--browser.gatherUsageStats"] == "false"
+    assert cmd[cmd.index("--") + 1:] == ["--tutorial", "qwen2"]
+    assert webdemo.parse_args(cmd[cmd.index("--") + 1:]).tutorial == "qwen2"
+    assert webdemo.command(address="0.0.0.0")[cmd.index("--server.address") + 1] == "0.0.0.0"
+    with pytest.raises(ValueError, match="unknown tutorial"):
+        webdemo.command("qwen3")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        webdemo.command(adapter=tmp_path)
