@@ -1,0 +1,193 @@
+"""Tests for selfllm_utils.training: packed batches are exact, the Trainer learns, settings map.
+
+Packing lays a batch's examples end to end with positions restarting at 0 for each; the model
+must then keep them apart in attention. If it does not, nothing fails: the loss just comes out
+slightly wrong. So the loss and the LoRA gradients of a packed batch are compared with running
+each example alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import datasets
+import pytest
+import torch
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+from selfllm_utils import data, formatting, models, registry, training
+
+TINY_KEYS = [k for k, t in registry.TUTORIALS.items() if t.smoke.kind == "tiny"]  # llama, glm, qwen2
+KEY = "deepseek"
+N_EXAMPLES = 3  # of different lengths
+LORA_B_STD = 0.5  # B starts at zero; make the adapter change the forward so its gradients mean something
+LOSS_ATOL = 1e-5
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5
+# With a KV cache, transformers skips the packed-sequence detection and the sequences attend to
+# each other: measured max logit difference about 1.0 on these tiny models (transformers 5.24),
+# 10 in COURSE.md's measurement; exact packing stays below 1e-5.
+TRAP_MIN_LOGIT_DIFF = 0.1
+TRAIN_STEPS = 6
+MIN_LOSS_DROP = 0.1  # loss after TRAIN_STEPS steps at the smoke learning rate, vs the first step
+PNG_MAGIC = b"\x89PNG"
+# TrainConfig fields that TrainingArguments takes under the same name.
+SAME_NAME = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+             "num_train_epochs", "max_steps", "logging_steps", "save_steps", "warmup_steps", "seed",
+             "optim")
+
+
+def _examples(tokenizer, family, records: list[dict]) -> list[dict[str, list[int]]]:
+    return [formatting.tokenize_messages(data.to_messages(r), tokenizer, family) for r in records]
+
+
+def _lora_model(key: str, smoke_models, gradient_checkpointing: bool):
+    """A LoRA model whose B matrices are random, so the adapter is part of every forward."""
+    tutorial = registry.get(key)
+    cfg = dataclasses.replace(registry.smoke_config(tutorial),
+                              gradient_checkpointing=gradient_checkpointing)
+    model, tokenizer = smoke_models.model(key)
+    peft_model = models.add_lora(model, tutorial, cfg)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, LORA_B_STD)
+    return peft_model.train(), tokenizer
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of one sequence (what the model's loss computes)."""
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100)
+
+
+def _n_targets(example: dict) -> int:
+    return sum(1 for x in example["labels"][1:] if x != -100)
+
+
+def _grads(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _packed_forward(model, tokenizer, examples):
+    batch = training.collator(tokenizer, packing=True)([dict(e) for e in examples])
+    return batch, model(**batch)
+
+
+@pytest.fixture
+def examples_of(identity_records):
+    records = identity_records[:N_EXAMPLES]
+
+    def make(tokenizer, family):
+        examples = _examples(tokenizer, family, records)
+        assert len({len(e["input_ids"]) for e in examples}) == N_EXAMPLES  # lengths differ
+        return examples
+
+    return make
+
+
+def test_packed_batch_layout(smoke_models, examples_of) -> None:
+    tokenizer = smoke_models.tokenizer(KEY)
+    examples = examples_of(tokenizer, registry.get(KEY).family)
+    batch = training.collator(tokenizer, packing=True)([dict(e) for e in examples])
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert batch["input_ids"].shape == (1, sum(lengths))  # one row, no pad tokens
+    assert "attention_mask" not in batch
+    starts = [sum(lengths[:i]) for i in range(N_EXAMPLES)]
+    positions = batch["position_ids"][0].tolist()
+    assert [i for i, p in enumerate(positions) if p == 0] == starts
+    assert all(batch["labels"][0, s].item() == -100 for s in starts)  # no target across a boundary
+
+
+@pytest.mark.parametrize("key", TINY_KEYS)
+def test_packing_equals_one_by_one(key: str, smoke_models, examples_of) -> None:
+    """The critical test: per-sequence loss and LoRA gradients, packed == each example alone."""
+    model, tokenizer = _lora_model(key, smoke_models, gradient_checkpointing=True)  # the recipe's
+    examples = examples_of(tokenizer, registry.get(key).family)
+    batch, packed = _packed_forward(model, tokenizer, examples)
+    n_total = sum(_n_targets(e) for e in examples)
+    packed_grads = _grads(model, packed.loss * n_total)  # token sum, comparable across batchings
+
+    alone_grads: dict[str, torch.Tensor] = {}
+    offset = 0
+    for example in examples:
+        ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
+        alone = model(input_ids=ids, labels=labels)
+        span = slice(offset, offset + ids.shape[1])
+        offset += ids.shape[1]
+        packed_loss = _token_losses(packed.logits[0, span], labels[0])
+        assert packed_loss.item() == pytest.approx(alone.loss.item(), abs=LOSS_ATOL)
+        for name, grad in _grads(model, alone.loss * _n_targets(example)).items():
+            alone_grads[name] = alone_grads.get(name, 0) + grad
+    assert packed_grads.keys() == alone_grads.keys()
+    assert any(g.abs().sum() > 0 for n, g in packed_grads.items() if "lora_A" in n)
+    torch.testing.assert_close(packed_grads, alone_grads, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+
+
+@pytest.mark.parametrize("key", TINY_KEYS)
+def test_packing_with_kv_cache_mixes_sequences(key: str, smoke_models, examples_of) -> None:
+    """The trap of COURSE.md: `use_cache=True` in a training forward silently breaks packing.
+
+    add_lora sets use_cache=False; this shows why. Still reproduces with transformers 5.24.
+    """
+    model, tokenizer = _lora_model(key, smoke_models, gradient_checkpointing=False)
+    examples = examples_of(tokenizer, registry.get(key).family)
+    with torch.no_grad():
+        _, exact = _packed_forward(model, tokenizer, examples)
+        model.config.use_cache = True
+        _, mixed = _packed_forward(model, tokenizer, examples)
+        model.config.use_cache = False
+        alone = torch.cat([model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples])
+    assert (exact.logits[0] - alone).abs().max() < LOSS_ATOL
+    assert (mixed.logits[0] - alone).abs().max() > TRAP_MIN_LOGIT_DIFF
+
+
+# --- the Trainer -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_trainer_loss_falls_and_curve_is_saved(packing: bool, smoke_models, identity_records,
+                                               tmp_path) -> None:
+    tutorial = registry.get(KEY)
+    cfg = dataclasses.replace(registry.smoke_config(tutorial), max_steps=TRAIN_STEPS, packing=packing)
+    model, tokenizer = smoke_models.model(KEY)
+    ds = datasets.Dataset.from_list(identity_records[:cfg.per_device_train_batch_size],
+                                    features=data.FEATURES)
+    train_ds, _ = formatting.build_dataset(ds, tokenizer, tutorial, system="")
+    trainer = training.make_trainer(models.add_lora(model, tutorial, cfg), tokenizer, train_ds, cfg,
+                                    tmp_path, disable_tqdm=True)
+    expected = DataCollatorWithFlattening if packing else DataCollatorForSeq2Seq
+    assert isinstance(trainer.data_collator, expected)
+    trainer.train()
+    curve = trainer.loss_curve
+    assert curve.steps == list(range(1, TRAIN_STEPS + 1))  # logging_steps=1 in smoke mode
+    assert curve.losses[-1] < curve.losses[0] - MIN_LOSS_DROP
+    assert curve.path == tmp_path / training.LOSS_PNG
+    assert curve.path.read_bytes()[:4] == PNG_MAGIC
+
+
+def test_loss_curve_records_eval_loss(tmp_path) -> None:
+    curve = training.LossCurve(path=tmp_path / "curve.png", live=False)
+    for step, logs in [(1, {"loss": 2.0}), (2, {"loss": 1.5}), (2, {"eval_loss": 1.8}), (3, {"lr": 1})]:
+        curve.on_log(None, SimpleNamespace(global_step=step), None, logs=logs)
+    assert (curve.steps, curve.losses) == ([1, 2], [2.0, 1.5])
+    assert (curve.eval_steps, curve.eval_losses) == ([2], [1.8])
+    curve.on_train_end(SimpleNamespace(output_dir=str(tmp_path)),
+                       SimpleNamespace(is_world_process_zero=True), None)
+    assert (tmp_path / "curve.png").read_bytes()[:4] == PNG_MAGIC
+
+
+def test_training_args_map_the_config(tmp_path) -> None:
+    cfg = registry.TrainConfig(per_device_train_batch_size=3, gradient_accumulation_steps=5,
+                               learning_rate=7e-4, num_train_epochs=2.5, max_steps=11, logging_steps=2,
+                               save_steps=9, warmup_steps=4, seed=7, optim="adamw_torch")
+    args = training.training_args(cfg, tmp_path)
+    for name in SAME_NAME:
+        assert getattr(args, name) == getattr(cfg, name), name
+    assert args.output_dir == str(tmp_path)
+    assert args.remove_unused_columns is False  # packed batches carry position_ids, no mask
+    assert args.report_to in ([], "none", ["none"])
+    if not torch.cuda.is_available():
+        assert args.bf16 is False and args.use_liger_kernel is False
+    assert training.training_args(cfg, tmp_path, learning_rate=0.5).learning_rate == 0.5  # overrides win
