@@ -29,7 +29,7 @@ REFERENCE = registry.repo_root().parent / "shared" / "reference" / "chat_models.
 IDENTITY = registry.repo_root() / "dataset" / "identity.json"
 FAST_KEYS = ("deepseek", "qwen1.5")  # tiny random models: milliseconds to build and load
 TRAIN_KEY = "deepseek"  # the tutorial of the shared trained adapter
-TRAIN_REPEATS = 8  # one record, repeated: one batch of the smoke config
+TRAIN_REPEATS = 1  # one record: the same gradient as a batch of copies, for less work
 
 
 @pytest.fixture(autouse=True)

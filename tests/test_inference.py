@@ -1,0 +1,114 @@
+"""Tests for selfllm_utils.inference, on a tiny model trained once per session (conftest.trained).
+
+What a learner checks by hand after training, checked here: the adapter gives the trained answer
+and stops there, streaming gives the same text, the saved adapter reloads in a fresh process,
+and merging changes nothing but the packaging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from selfllm_utils import inference, models
+
+MAX_NEW_TOKENS = 64  # the trained answer is about ten tokens: stopping early is the point
+MERGE_ATOL = 1e-5
+FRESH_PROCESS_TIMEOUT_S = 300
+FRESH_PROCESS = """
+import json, sys
+from selfllm_utils import inference, registry
+tutorial = registry.get(sys.argv[1])
+model, tokenizer = inference.load_adapter(tutorial, sys.argv[2], smoke_mode=True)
+reply = inference.chat(model, tokenizer, sys.argv[3], tutorial.family, max_new_tokens=int(sys.argv[4]))
+print(json.dumps({"text": reply.text, "token_ids": reply.token_ids, "stopped": reply.stopped}))
+"""
+
+
+def _logits(model, tokenizer, text: str) -> torch.Tensor:
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0]
+
+
+def test_training_lowered_the_loss(trained) -> None:
+    assert trained.losses[-1] < trained.losses[0]
+
+
+def test_adapter_gives_the_trained_answer_and_stops(trained) -> None:
+    reply = inference.chat(trained.model, trained.tokenizer, trained.question, trained.tutorial.family,
+                           max_new_tokens=MAX_NEW_TOKENS)
+    assert reply.text == trained.answer
+    assert reply.stopped and len(reply.token_ids) < MAX_NEW_TOKENS
+    assert reply.token_ids[-1] in models.stop_ids(trained.tokenizer, trained.tutorial.family)
+    with trained.model.disable_adapter():  # the base model does not know the answer
+        base = inference.chat(trained.model, trained.tokenizer, trained.question,
+                              trained.tutorial.family, max_new_tokens=MAX_NEW_TOKENS)
+    assert base.text != trained.answer
+
+
+def test_stream_gives_the_same_text(trained) -> None:
+    args = (trained.model, trained.tokenizer, trained.question, trained.tutorial.family)
+    pieces = list(inference.stream_chat(*args, max_new_tokens=MAX_NEW_TOKENS))
+    assert len(pieces) > 1  # streamed, not one block at the end
+    assert "".join(pieces).strip() == inference.chat(*args, max_new_tokens=MAX_NEW_TOKENS).text
+
+
+def test_save_adapter_writes_everything_needed(trained) -> None:
+    folder = trained.adapter
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "generation_config.json"):
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == set(trained.tutorial.lora_targets)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == models.stop_ids(trained.tokenizer, trained.tutorial.family)
+
+
+def test_fresh_process_reloads_the_same_answer(trained) -> None:
+    env = {**os.environ, "SELFLLM_SMOKE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, trained.tutorial.key, str(trained.adapter),
+         trained.question, str(MAX_NEW_TOKENS)],
+        capture_output=True, text=True, env=env, timeout=FRESH_PROCESS_TIMEOUT_S, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reply = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reply == {"text": trained.answer, "token_ids": reply["token_ids"], "stopped": True}
+    expected = inference.chat(trained.model, trained.tokenizer, trained.question,
+                              trained.tutorial.family, max_new_tokens=MAX_NEW_TOKENS)
+    assert reply["token_ids"] == expected.token_ids
+
+
+def test_merge_keeps_the_logits(trained) -> None:
+    tutorial = trained.tutorial
+    model, tokenizer = inference.load_adapter(tutorial, trained.adapter, smoke_mode=True)
+    base, _ = models.load_model(tutorial, smoke_mode=True)
+    text = trained.question + trained.answer
+    with_adapter = _logits(model, tokenizer, text)
+    merged = inference.merge(model)
+    assert not hasattr(merged, "peft_config")  # a plain transformers model
+    torch.testing.assert_close(_logits(merged, tokenizer, text), with_adapter, rtol=0, atol=MERGE_ATOL)
+    assert (_logits(base, tokenizer, text) - with_adapter).abs().max() > 100 * MERGE_ATOL  # adapter mattered
+
+
+def test_merge_refuses_4bit(trained) -> None:
+    model, _ = inference.load_adapter(trained.tutorial, trained.adapter, quant="4bit", smoke_mode=True)
+    with pytest.raises(ValueError, match="refusing to merge into 4-bit weights"):
+        inference.merge(model)
+
+
+def test_merge_and_save_loads_as_a_plain_model(trained, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    out = inference.merge_and_save(trained.tutorial, trained.adapter, tmp_path / "merged", smoke_mode=True)
+    assert not (out / "adapter_config.json").exists()
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    family = trained.tutorial.family
+    assert GenerationConfig.from_pretrained(out).eos_token_id == models.stop_ids(tokenizer, family)
+    reply = inference.chat(model, tokenizer, trained.question, family, max_new_tokens=MAX_NEW_TOKENS)
+    assert reply.text == trained.answer and reply.stopped
