@@ -1,0 +1,77 @@
+"""Repository hygiene: CI runs what the README says, notebooks are committed clean, no private data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from selfllm_utils import registry
+
+ROOT = registry.repo_root()
+README = ROOT / "README.md"
+CI_RUN = ROOT / ".ci" / "run"
+NOTEBOOKS = ROOT / "notebooks"
+TEST_COMMAND_PREFIX = "pip install torch==2.13.0"
+PRIVATE_DATA = "huanhuan.json"  # the public Chat-甄嬛 file: found via SELFLLM_HUANHUAN, never committed
+NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
+
+
+def _code_cells(path: Path) -> list[dict]:
+    return [c for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "code"]
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    commands = [line.strip() for line in README.read_text(encoding="utf-8").splitlines()
+                if line.strip().startswith(TEST_COMMAND_PREFIX)]
+    assert len(commands) == 1, f"README.md should hold one line starting with {TEST_COMMAND_PREFIX!r}"
+    ci_lines = [line.strip() for line in CI_RUN.read_text(encoding="utf-8").splitlines()]
+    assert commands[0] in ci_lines, ".ci/run no longer runs the README's test command word for word"
+    assert os.access(CI_RUN, os.X_OK), ".ci/run is not executable"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOK_FILES, ids=[p.name for p in NOTEBOOK_FILES])
+def test_notebook_committed_without_outputs(notebook: Path) -> None:
+    dirty = [i for i, cell in enumerate(_code_cells(notebook))
+             if cell.get("outputs") or cell.get("execution_count") is not None]
+    assert not dirty, f"{notebook.name}: code cells {dirty} have outputs or execution counts"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOK_FILES, ids=[p.name for p in NOTEBOOK_FILES])
+def test_notebook_asks_registry_for_smoke_mode(notebook: Path) -> None:
+    """The first code cell decides smoke mode through the one reader of SELFLLM_SMOKE."""
+    cells = _code_cells(notebook)
+    assert cells and "registry.smoke_mode()" in _source(cells[0]), \
+        f"{notebook.name}: the first code cell should call registry.smoke_mode()"
+    readers = [i for i, c in enumerate(cells) if "environ" in _source(c) and "SELFLLM_SMOKE" in _source(c)]
+    assert not readers, f"{notebook.name}: cells {readers} read SELFLLM_SMOKE themselves"
+
+
+def test_private_data_not_tracked() -> None:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    assert not [p for p in tracked if Path(p).name == PRIVATE_DATA]
+
+
+@pytest.mark.parametrize("key", list(registry.TUTORIALS))
+def test_registry_notebook_exists(key: str) -> None:
+    name = registry.get(key).notebook
+    if not (NOTEBOOKS / name).exists():
+        pytest.skip(f"notebooks/{name} is not written yet")
+    assert (NOTEBOOKS / name).is_file()
+
+
+def test_every_notebook_belongs_to_a_tutorial_or_is_numbered() -> None:
+    """Notebook names follow NN-<model>-<method>.ipynb (ASCII)."""
+    for path in NOTEBOOK_FILES:
+        assert path.name.isascii() and path.name[:2].isdigit() and path.name[2] == "-", path.name
