@@ -39,11 +39,15 @@ GLM4 = R.get("glm4")
 FAST = dataclasses.replace(QWEN2.config, gradient_checkpointing=False, per_device_train_batch_size=48)
 CONFIGS: dict[str, tuple] = {
     "qwen2-seed": ("qwen2", "bf16", QWEN2.seed_config, {}),
-    "qwen2-course-24g": ("qwen2", "bf16", QWEN2.config, {"cap_gib": 24}),
+    "qwen2-course-24g": ("qwen2", "bf16", QWEN2.config, {"cap_gib": 24, "steps": 30, "chat": True}),
     "qwen2-course": ("qwen2", "bf16", FAST, {}),
     "qwen2-trl-best": ("qwen2", "bf16", FAST, {"trl": True, "pack_tokens": 4096}),
     "deepseek-qlora-seed": ("deepseek", "4bit", DEEPSEEK.seed_config, {}),
     "deepseek-qlora-course": ("deepseek", "4bit", DEEPSEEK.config, {}),
+    "deepseek-qlora-course-b12": ("deepseek", "4bit",
+                                  dataclasses.replace(DEEPSEEK.config, per_device_train_batch_size=12), {}),
+    "deepseek-bf16-seed": ("deepseek", "bf16", dataclasses.replace(DEEPSEEK.seed_config, optim="adamw_torch"), {}),
+    "deepseek-bf16-course": ("deepseek", "bf16", R.COURSE, {"cap_gib": 24}),
     "glm4-course-24g": ("glm4", "bf16", GLM4.config, {"cap_gib": 24}),
 }
 
@@ -169,6 +173,7 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     from selfllm_utils import models, training
 
     key, quant, cfg, opts = CONFIGS[name]
+    steps = opts.get("steps", steps)
     tutorial = R.get(key)
     if opts.get("cap_gib"):
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -193,6 +198,14 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         trainer.add_callback(timer.callback)
     trainer.train()
     tps = timer.tokens_per_s()
+    extra = {}
+    if opts.get("chat"):  # notebook 03's chat helper on the trained full-size model
+        from selfllm_utils import inference
+
+        t = time.perf_counter()
+        reply = inference.chat(trainer.model, tokenizer, "你是谁？", tutorial.family, max_new_tokens=64)
+        extra = {"chat_new_tokens": len(reply.token_ids), "chat_s": round(time.perf_counter() - t, 2),
+                 "chat_stopped": reply.stopped}
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     if quant == "4bit":  # packed 4-bit weights count two parameters per byte
         n_params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1)
@@ -205,7 +218,7 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         "loss_last5": round(sum(timer.losses[-5:]) / len(timer.losses[-5:]), 4),
         "steps": steps, "seqs_per_step": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
         "packing": cfg.packing, "checkpointing": cfg.gradient_checkpointing, "liger": cfg.use_liger,
-        "optim": cfg.optim, "cap_gib": opts.get("cap_gib"),
+        "optim": cfg.optim, "cap_gib": opts.get("cap_gib"), **extra,
     }
 
 
@@ -228,6 +241,29 @@ def trl_trainer(model, tokenizer, ds, tutorial, cfg, opts, out):
                       peft_config=models.lora_config(tutorial, cfg))
 
 
+def check_varlen() -> dict:
+    """Packed batch through varlen_attention vs each sequence alone, on this GPU (bf16 logits)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from selfllm_utils import training
+
+    config = AutoConfig.for_model("qwen2", vocab_size=1000, hidden_size=256, intermediate_size=512,
+                                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                  use_cache=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
+    seqs = [list(range(5, 5 + n)) for n in (37, 11, 64, 3)]
+    batch = training.collator(None, True)([{"input_ids": s, "labels": s} for s in seqs])
+    batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ref = torch.cat([model(input_ids=torch.tensor([s], device="cuda")).logits[0] for s in seqs])
+        training.use_varlen_attention(model)
+        packed = model(**batch).logits[0]
+    return {"check": "varlen_vs_unpacked", "max_abs_logit_diff": (ref - packed).abs().max().item(),
+            "logit_scale": ref.abs().max().item()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated configuration names")
@@ -244,6 +280,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args.child, args.steps, args.tflops, Path(args.workdir))), flush=True)
         return
     tflops = matmul_tflops()
+    print(json.dumps(check_varlen()), flush=True)
     names = args.only.split(",") if args.only else list(CONFIGS)
     for name in names:
         cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),

@@ -98,6 +98,8 @@ def load_model(tutorial: Tutorial, quant: str = "bf16", smoke_mode: bool | None 
     path = path or model_path(tutorial, smoke_mode)
     tokenizer = load_tokenizer(path, tutorial.family)
     cuda = torch.cuda.is_available()
+    # grow memory segments instead of caching fixed blocks: reserved stays near allocated
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     dtype = torch.bfloat16 if cuda else torch.float32
     kwargs = {"dtype": dtype}
     if cuda and "WORLD_SIZE" not in os.environ:

@@ -45,12 +45,80 @@ def training_args(cfg: TrainConfig, output_dir: str | Path, **overrides):
 
 
 def collator(tokenizer, packing: bool):
-    """Padding-free flattening when packing, else padding to the longest of each batch."""
+    """Padding-free flattening when packing, else padding to the longest of each batch.
+
+    The flattened batch carries each sequence's boundaries (`cu_seq_lens_q`), which the
+    variable-length attention below uses instead of a [tokens x tokens] mask.
+    """
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100,
+                                          return_flash_attn_kwargs=True)
     return DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True, label_pad_token_id=-100)
+
+
+VARLEN = "selfllm_varlen"
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                     scaling: float | None = None, **kwargs):
+    """Causal attention over a packed batch, one block per sequence, with no mask tensor.
+
+    For packed batches transformers' sdpa path builds a [tokens x tokens] block mask, which keeps
+    PyTorch off its flash kernel; `torch.nn.attention.varlen.varlen_attn` (FlashAttention inside
+    PyTorch, CUDA only) takes the sequence boundaries instead. Elsewhere (the CPU, generation)
+    the plain sdpa path runs, so results are the same everywhere.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or not query.is_cuda or query.shape[0] != 1:
+        if cu is not None:  # packed, on the CPU: one causal sdpa call per sequence
+            return _per_sequence(module, query, key, value, cu, scaling), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    n = int(kwargs.get("max_length_q") or (cu[1:] - cu[:-1]).max())
+    out = varlen_attn(q, k, v, cu, cu, n, n, scale=scaling, **_causal_kwarg(varlen_attn))
+    return out.unsqueeze(0), None
+
+
+def _causal_kwarg(fn) -> dict:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+
+
+def _per_sequence(module, query, key, value, cu, scaling):
+    import torch.nn.functional as F
+
+    import torch
+
+    groups = query.shape[1] // key.shape[1]
+    outs = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        k, v = (t[:, :, a:b].repeat_interleave(groups, dim=1) for t in (key, value))
+        outs.append(F.scaled_dot_product_attention(query[:, :, a:b], k, v, is_causal=True, scale=scaling))
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def use_varlen_attention(model) -> None:
+    """Register `varlen_attention` with transformers and switch the (base) model to it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, flash_attention_mask)  # no mask tensor is built
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(VARLEN)
 
 
 class LossCurve(TrainerCallback):
@@ -123,15 +191,25 @@ def _in_notebook() -> bool:
 
 
 def make_trainer(model, tokenizer, train_ds, cfg: TrainConfig, output_dir: str | Path,
-                 eval_ds=None, callbacks: list | None = None, **overrides):
-    """A `Trainer` with the course's collator and a LossCurve (find it as `trainer.loss_curve`)."""
+                 eval_ds=None, callbacks: list | None = None, args=None, compute_metrics=None,
+                 preprocess_logits_for_metrics=None, **overrides):
+    """A `Trainer` with the course's collator and a LossCurve (find it as `trainer.loss_curve`).
+
+    `args`: TrainingArguments built earlier (under ZeRO-3 they must exist before the model is
+    loaded, so it loads already partitioned); otherwise built here from cfg and overrides.
+    """
     from transformers import Trainer
 
+    import torch
+
     curve = LossCurve()
+    if cfg.packing and torch.cuda.is_available():
+        use_varlen_attention(model)
     trainer = Trainer(
-        model=model, args=training_args(cfg, output_dir, **overrides), train_dataset=train_ds,
+        model=model, args=args or training_args(cfg, output_dir, **overrides), train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator(tokenizer, cfg.packing),
         processing_class=tokenizer, callbacks=[curve, *(callbacks or [])],
+        compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
     trainer.loss_curve = curve
     return trainer
