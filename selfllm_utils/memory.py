@@ -1,0 +1,260 @@
+"""How much GPU memory a LoRA / QLoRA run needs, before you start it.
+
+A learner's first question about a 7B fine-tune is "will it fit on my card?". This module
+answers it from the model's shape alone (the registry's `reference_config`), in five parts:
+
+    total = weights + LoRA (params + grads) + optimizer states + activations + overhead
+
+Weights (the frozen base model):
+    bf16: 2 bytes a parameter.
+    4bit: every decoder `nn.Linear` is stored as nf4: 0.5 byte a parameter, plus one absmax per
+    block of 64 weights, itself quantised to 8 bits in blocks of 256 with an fp32 scale
+    (double quantisation): 0.5 + 1/64 + 4/(64*256) = 0.516 byte. Embeddings and lm_head
+    (which transformers never quantises) stay bf16, norms go to fp32 (`models.prepare_4bit`).
+    peft's own `prepare_model_for_kbit_training` would also cast embeddings and lm_head to
+    fp32: 4 bytes instead of 2, +1.6 GiB on DeepSeek-7B; the course skips that copy.
+LoRA: r * (in + out) parameters for each targeted projection of each layer, counted from the
+    shapes; peft keeps them in fp32 (4 bytes) and their gradients too (4 bytes).
+Optimizer: AdamW keeps two fp32 moments, 8 bytes a trainable parameter (2 for 8-bit Adam).
+    A *paged* optimizer (`paged_adamw_32bit`) needs the same bytes, but in CUDA unified memory
+    that is moved to CPU RAM when the GPU runs short, instead of ending the run with OOM.
+Activations, for `batch_tokens` tokens in one micro-batch (the peak of forward + backward):
+    with gradient checkpointing: each layer's input hidden state (bf16, 2*h bytes a token), plus
+    one layer's working set while it is recomputed, plus the logits; without: every layer's
+    working set, plus the logits. A Llama-like layer keeps 28*h + 8*I bytes a token in bf16
+    (norm inputs in fp32, q, k, v, attention output, the four MLP intermediates) and 42*h + 8*I
+    in 4-bit (fp32 norm outputs and bf16 copies of the layers' inputs): constants measured on an
+    H100 (DeepSeek-7B shape, transformers 5.17). The logits are batch_tokens x vocab and the
+    loss works on an fp32 copy: bf16 logits, fp32 logits, fp32 log-probabilities, then the fp32
+    gradient, 12 bytes an entry (measured); for a 100k vocabulary that is 1.2 MB a token, often
+    the largest single item. Liger's fused loss (`liger=True`) computes it in chunks of rows
+    and never holds the whole tensor.
+Overhead: the CUDA context and cuBLAS workspaces, which `torch.cuda.max_memory_allocated` does
+    not show but `nvidia-smi` does: OVERHEAD_GIB.
+
+Checked against `torch.cuda.max_memory_allocated` on an H100 (DeepSeek-7B shape, random
+weights, the course's `models.load_model` + `add_lora` + `training.make_trainer`): within
+0.1 GiB for 4-bit at 1k-4k tokens with and without checkpointing, and for bf16 at 1k tokens;
+bf16 with checkpointing at 4k tokens is over by 0.7 GiB (4%): there the logits and the layer
+recompute are not alive at the same time.
+
+ZeRO (DeepSpeed) divides per GPU: stage 1 the optimizer states, stage 2 also the gradients,
+stage 3 also the parameters (each GPU then gathers one layer, or the lm_head, at a time).
+`offload` moves the optimizer states (and, with stage 3, the parameters) to CPU RAM. Without
+ZeRO every GPU holds everything (plain data parallel): more GPUs give speed, not memory.
+
+What it leaves out, so keep a little margin: PyTorch's caching allocator keeps freed blocks
+(nvidia-smi may show 1-3 GiB more; `models.load_model` sets
+`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` to reduce it), transient copies such as a
+dequantised 4-bit weight, and DeepSpeed's communication buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from . import registry
+from .registry import Tutorial
+
+GIB = 2**30
+OVERHEAD_GIB = 0.75  # CUDA context (~0.5 GiB) + cuBLAS workspace, measured by nvidia-smi, not torch
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # nf4 weight + 8-bit absmax per 64 + fp32 scale per 256 blocks
+LOGIT_BYTES = 12  # per logit entry: bf16 logits, fp32 copy, fp32 log-probs / their gradient
+LAYER_H_BYTES = {"bf16": 28, "4bit": 42}  # working set of one layer: LAYER_H_BYTES*h + 8*I a token
+TYPICAL_EXAMPLE_TOKENS = 100  # Chat-甄嬛 averages ~85 tokens an example with its system prompt
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_torch": 8, "adamw_torch_fused": 8,
+                         "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
+QUANTS = ("bf16", "4bit")
+# bitsandbytes pages an optimizer state only for tensors this large (optim/optimizer.py,
+# get_state_buffer); smaller ones stay in ordinary GPU memory, and on a CPU nothing is paged.
+PAGED_MIN_NUMEL = 100_000
+
+
+def linear_shapes(ref: dict) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each projection in one decoder layer, by module name.
+
+    Covers the Llama-like layouts of the course (llama, qwen2) and native GLM-4 (`gate_up_proj`
+    fuses gate and up). Grouped-query attention shrinks k and v to the key/value heads.
+    """
+    h, inter = ref["hidden_size"], ref["intermediate_size"]
+    heads = ref["num_attention_heads"]
+    head_dim = ref.get("head_dim") or h // heads
+    q, kv = heads * head_dim, ref.get("num_key_value_heads", heads) * head_dim
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+              "down_proj": (inter, h)}
+    if ref["model_type"] == "glm":
+        shapes["gate_up_proj"] = (h, 2 * inter)
+    else:
+        shapes.update(gate_proj=(h, inter), up_proj=(h, inter))
+    return shapes
+
+
+def lora_param_count(tutorial: Tutorial, lora_r: int = 8) -> int:
+    """Trainable LoRA parameters: r * (in + out) for each target projection in each layer."""
+    ref, shapes = tutorial.reference_config, linear_shapes(tutorial.reference_config)
+    unknown = set(tutorial.lora_targets) - set(shapes)
+    if unknown:
+        raise ValueError(f"no shape known for LoRA targets {sorted(unknown)} of {tutorial.key}")
+    per_layer = sum(lora_r * sum(shapes[name]) for name in tutorial.lora_targets)
+    return per_layer * ref["num_hidden_layers"]
+
+
+def base_param_counts(tutorial: Tutorial) -> tuple[int, int]:
+    """(parameters in quantisable decoder linears, all other parameters) of the full model.
+
+    The others are embeddings, lm_head (unless tied), the two norms of each layer, the final
+    norm, and q/k/v biases (Qwen2 always has them, GLM-4 through `attention_bias`).
+    """
+    ref = tutorial.reference_config
+    h, layers, vocab = ref["hidden_size"], ref["num_hidden_layers"], ref["vocab_size"]
+    shapes = linear_shapes(ref)
+    linear = layers * sum(i * o for i, o in shapes.values())
+    biases = sum(shapes[n][1] for n in ("q_proj", "k_proj", "v_proj"))
+    has_bias = ref["model_type"] == "qwen2" or ref.get("attention_bias", False)
+    embeddings = vocab * h * (1 if ref.get("tie_word_embeddings") else 2)
+    other = embeddings + layers * (2 * h + (biases if has_bias else 0)) + h
+    return linear, other
+
+
+def _activation_bytes(ref: dict, tokens: int, quant: str, checkpointing: bool,
+                      liger: bool) -> tuple[float, float]:
+    """(all activation bytes, of which logits and loss) at the peak of one forward + backward."""
+    h, inter, layers = ref["hidden_size"], ref["intermediate_size"], ref["num_hidden_layers"]
+    vocab = ref["vocab_size"]
+    layer = tokens * (LAYER_H_BYTES[quant] * h + 8 * inter)
+    if liger:  # rows in chunks of ~tokens*h/vocab (rounded up to a power of 2), input grad kept
+        chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / h)))))
+        logits = min(chunk, tokens) * vocab * LOGIT_BYTES + tokens * h * 4
+    else:
+        logits = tokens * vocab * LOGIT_BYTES
+    stored = layers * tokens * h * 2 + layer if checkpointing else layers * layer
+    return stored + logits, logits
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak GPU memory of one training run, per GPU, in GiB, by part (see the module docstring).
+
+    `lora_gib` holds the adapter's parameters and gradients, `optimizer_gib` its Adam moments;
+    `logits_gib` is the part of `activations_gib` spent on logits and loss.
+    """
+
+    setting: str
+    weights_gib: float
+    lora_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    logits_gib: float
+    overhead_gib: float
+    lora_params: int
+    total_gib: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total_gib = (self.weights_gib + self.lora_gib + self.optimizer_gib
+                          + self.activations_gib + self.overhead_gib)
+
+    def table(self) -> str:
+        """A few aligned lines for a notebook: one per part, then the total."""
+        rows = [("weights", self.weights_gib, "frozen base model"),
+                ("LoRA", self.lora_gib, f"{self.lora_params / 1e6:.1f} M params + grads, fp32"),
+                ("optimizer", self.optimizer_gib, "Adam moments of the LoRA params"),
+                ("activations", self.activations_gib, f"of which logits/loss {self.logits_gib:.2f}"),
+                ("overhead", self.overhead_gib, "CUDA context, workspaces"),
+                ("total", self.total_gib, "")]
+        lines = [self.setting] + [f"  {name:<12}{gib:7.2f} GiB  {note}" for name, gib, note in rows]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens: int | None = None,
+                    lora_r: int = 8, gradient_checkpointing: bool = True, optimizer: str = "adamw",
+                    zero_stage: int = 0, num_gpus: int = 1, offload: bool = False,
+                    liger: bool = False) -> MemoryEstimate:
+    """Estimate the peak GPU memory of LoRA training per GPU; the formula is in the module docstring.
+
+    Args:
+        tutorial: A registry Tutorial or its key ("deepseek", ...); its full-size shape is used.
+        quant: "bf16" (LoRA) or "4bit" (QLoRA: nf4, double quantisation).
+        batch_tokens: Tokens in one micro-batch on one GPU, padding included. Default: the
+            tutorial's examples per batch times TYPICAL_EXAMPLE_TOKENS (packed Chat-甄嬛
+            batches); a padded batch counts batch size x its longest example.
+        lora_r: LoRA rank.
+        gradient_checkpointing: Recompute activations in backward instead of keeping them.
+        optimizer: A Trainer `optim` name (adamw_torch, paged_adamw_32bit, paged_adamw_8bit, ...).
+        zero_stage: DeepSpeed ZeRO stage 0-3 (0: no ZeRO).
+        num_gpus: GPUs the ZeRO states are divided across.
+        offload: Move optimizer states (and, at stage 3, parameters) to CPU RAM.
+        liger: Liger's fused linear + cross-entropy loss (GPU only), which never builds the
+            full logits tensor (`TrainConfig.use_liger`).
+
+    Returns:
+        A MemoryEstimate; print it for a table.
+
+    Raises:
+        ValueError: an unknown quant, optimizer or stage, offload without ZeRO, or 4-bit weights
+            with ZeRO-3 (which does not shard them; use stage 2, see COURSE.md note 9).
+    """
+    t = registry.get(tutorial) if isinstance(tutorial, str) else tutorial
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZER_STATE_BYTES)}")
+    if zero_stage not in (0, 1, 2, 3) or num_gpus < 1:
+        raise ValueError(f"zero_stage must be 0-3 and num_gpus >= 1, got {zero_stage}, {num_gpus}")
+    if offload and zero_stage == 0:
+        raise ValueError("offload needs DeepSpeed ZeRO (zero_stage 1-3)")
+    if quant == "4bit" and zero_stage == 3:
+        raise ValueError("4-bit weights with ZeRO-3 are not supported here; use zero_stage=2")
+    ref = t.reference_config
+    tokens = batch_tokens or t.config.per_device_train_batch_size * TYPICAL_EXAMPLE_TOKENS
+    linear, other = base_param_counts(t)
+    if quant == "4bit":
+        weights = linear * NF4_BYTES + other * 2  # embeddings, lm_head bf16 (norms fp32: tiny)
+    else:
+        weights = (linear + other) * 2
+    n_lora = lora_param_count(t, lora_r)
+    params, grads = n_lora * 4.0, n_lora * 4.0
+    states = n_lora * OPTIMIZER_STATE_BYTES[optimizer]
+    if zero_stage >= 1:
+        states = 0.0 if offload else states / num_gpus
+    if zero_stage >= 2:
+        grads /= num_gpus
+    if zero_stage == 3:
+        layer = (linear + other - ref["vocab_size"] * ref["hidden_size"]) / ref["num_hidden_layers"]
+        gathered = 2 * max(layer, ref["vocab_size"] * ref["hidden_size"])  # one module at a time
+        weights = gathered + (0.0 if offload else weights / num_gpus)
+        params = 0.0 if offload else params / num_gpus
+    activations, logits = _activation_bytes(ref, tokens, quant, gradient_checkpointing, liger)
+    setting = (f"{t.key}, {quant}, {tokens:,} tokens a batch, LoRA r={lora_r}, "
+               f"{'checkpointing' if gradient_checkpointing else 'no checkpointing'}, {optimizer}"
+               + (f", ZeRO-{zero_stage} on {num_gpus} GPU(s)" if zero_stage else "")
+               + (", offload" if offload else "") + (", Liger loss" if liger else ""))
+    return MemoryEstimate(setting, weights / GIB, (params + grads) / GIB, states / GIB,
+                          activations / GIB, logits / GIB, OVERHEAD_GIB, n_lora)
+
+
+def fits(tutorial: Tutorial | str, gib: float, **kw) -> bool:
+    """Whether the estimated peak (`estimate_memory(tutorial, **kw)`) fits in `gib` GiB."""
+    return estimate_memory(tutorial, **kw).total_gib <= gib
+
+
+def paged_tensors(model) -> tuple[int, int]:
+    """(trainable tensors whose Adam states a paged optimizer would page, all trainable tensors).
+
+    At r=8 no LoRA matrix of a 7B model reaches PAGED_MIN_NUMEL (8 x 11008 = 88,064), so
+    "paged" changes nothing there: the memory is saved by 4-bit weights and checkpointing.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() >= PAGED_MIN_NUMEL for p in trainable), len(trainable)
+
+
+def format_table(estimates: list[MemoryEstimate]) -> str:
+    """A Markdown table, one estimate a row, to compare settings side by side."""
+    head = "| setting | weights | LoRA | optimizer | activations (logits) | total GiB |\n" \
+           "| --- | --- | --- | --- | --- | --- |"
+    rows = [f"| {e.setting} | {e.weights_gib:.2f} | {e.lora_gib:.2f} | {e.optimizer_gib:.2f} | "
+            f"{e.activations_gib:.2f} ({e.logits_gib:.2f}) | {e.total_gib:.2f} |" for e in estimates]
+    return "\n".join([head, *rows])
