@@ -1,0 +1,214 @@
+"""LoRA on several GPUs with DeepSpeed ZeRO: the course's launch script (tutorial 04, Qwen1.5-14B).
+
+One process per GPU, started by a launcher:
+
+    accelerate launch --config_file output/configs/accelerate_zero3_offload.yaml \\
+        -m selfllm_utils.train_zero3 --tutorial qwen1.5 --output output/qwen1.5-zero3
+    torchrun --nproc_per_node 4 -m selfllm_utils.train_zero3 --tutorial qwen1.5 \\
+        --output output/qwen1.5-zero3 --offload
+
+Under `accelerate launch` the DeepSpeed JSON named in its YAML is used; otherwise `--stage` and
+`--offload` build one (`distributed.deepspeed_config`). Without CUDA (CI) the processes talk over
+gloo and the smoke model stands in, so the same code path runs on a laptop.
+
+Steps, as in the seed: records -> train/eval split -> chat template -> LoRA -> Trainer with
+evaluation (token accuracy) and the best checkpoint kept -> the adapter saved whole. `--resume`
+continues from the newest checkpoint in `--output`. Merging happens afterwards, in a plain
+process (`inference.merge_and_save`): under ZeRO-3 each process holds only slices of the weights.
+
+Besides checkpoints and `adapter/`, rank 0 writes `trainer_state.json`, `run_info.json` (what
+each rank saw: process index, who saves, fingerprints of its training batches) and `probe.pt`
+(the trained model's logits on one eval example), so tests can check the run from outside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback, set_seed
+
+from . import data, distributed, formatting, metrics, models, registry, training
+
+ADAPTER, RUN_INFO, PROBE = "adapter", "run_info.json", "probe.pt"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; sizes default to the registry's config (smoke config in smoke mode)."""
+    p = argparse.ArgumentParser(prog="python -m selfllm_utils.train_zero3", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tutorial", default="qwen1.5", help="registry key (default qwen1.5)")
+    p.add_argument("--output", required=True, help="checkpoints, adapter/ and run files go here")
+    p.add_argument("--data", help="instruction records (.json/.jsonl); default: Chat-甄嬛 "
+                   "(data.find_huanhuan), the course's 40-record sample in smoke mode")
+    p.add_argument("--stage", type=int, default=3, choices=distributed.ZERO_STAGES)
+    p.add_argument("--offload", action="store_true", help="optimizer state and weights in CPU RAM")
+    p.add_argument("--quant", default="bf16", choices=("bf16", "4bit"))
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the config's)")
+    p.add_argument("--eval-steps", type=int, help="evaluate and save every N steps")
+    p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--stop-at-step", type=int, help="stop after this step, as if interrupted")
+    return p.parse_args(argv)
+
+
+def run_config(args: argparse.Namespace, smoke: bool) -> registry.TrainConfig:
+    """The tutorial's TrainConfig (or its smoke version) with the command line's overrides."""
+    tutorial = registry.get(args.tutorial)
+    cfg = registry.smoke_config(tutorial) if smoke else tutorial.config
+    changes: dict = {}
+    if args.max_steps:
+        changes["max_steps"] = args.max_steps
+    if args.gradient_checkpointing is not None:
+        changes["gradient_checkpointing"] = args.gradient_checkpointing
+    return dataclasses.replace(cfg, **changes)
+
+
+def deepspeed_plan(args: argparse.Namespace) -> tuple[dict | str, int]:
+    """(DeepSpeed config for the Trainer, its ZeRO stage): the launcher's JSON, else built here."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # set by accelerate launch
+    if path and path != "none":
+        return path, json.loads(Path(path).read_text())["zero_optimization"]["stage"]
+    return distributed.deepspeed_config(args.stage, args.offload), args.stage
+
+
+def eval_settings(cfg: registry.TrainConfig, eval_steps: int | None) -> dict:
+    """Evaluate and save on the same steps, keep the checkpoint with the best token accuracy."""
+    steps = eval_steps or (min(cfg.save_steps, max(1, cfg.max_steps // 2)) if cfg.max_steps > 0
+                           else cfg.save_steps)
+    return dict(eval_strategy="steps", eval_steps=steps, save_strategy="steps", save_steps=steps,
+                load_best_model_at_end=True, metric_for_best_model="accuracy",
+                greater_is_better=True, per_device_eval_batch_size=cfg.per_device_train_batch_size)
+
+
+def load_splits(args: argparse.Namespace, tutorial: registry.Tutorial, tokenizer, smoke: bool,
+                max_length: int):
+    """Train and eval datasets, tokenized with the tutorial's chat template (same split each run)."""
+    sample = registry.repo_root() / "dataset" / "huanhuan_sample.json"  # 40 records: seconds
+    path = args.data or (sample if smoke else data.find_huanhuan())
+    if path is None:
+        raise SystemExit("no data: pass --data FILE or set SELFLLM_HUANHUAN (dataset/README.md)")
+    ds, _ = data.load_dataset(path)
+    parts = data.split(ds, args.eval_fraction)
+    train, _ = formatting.build_dataset(parts["train"], tokenizer, tutorial, max_length=max_length)
+    evals, _ = formatting.build_dataset(parts["eval"], tokenizer, tutorial, max_length=max_length)
+    return train, evals
+
+
+def fingerprint(ids: list[int]) -> str:
+    """A short hash of one example's token ids, to compare what each rank trained on."""
+    return hashlib.sha1(str(list(ids)).encode()).hexdigest()[:10]
+
+
+class RecordingCollator:
+    """Wraps the Trainer's collator and notes which training examples each batch held.
+
+    Evaluation batches (examples not in the train set) are not noted.
+    """
+
+    def __init__(self, collate, train_ds):
+        self.collate = collate
+        self.train = {fingerprint(ids) for ids in train_ds["input_ids"]}
+        self.batches: list[list[str]] = []
+
+    def __call__(self, features):
+        prints = [fingerprint(f["input_ids"]) for f in features]
+        if prints and all(p in self.train for p in prints):
+            self.batches.append(prints)
+        return self.collate(features)
+
+
+class StopAt(TrainerCallback):
+    """Ends training after a given step, like a crash or a lost node (to test `--resume`)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True  # a checkpoint at the stop, as after a scheduled save
+            control.should_training_stop = True
+        return control
+
+
+def probe_logits(model, example: dict):
+    """The model's logits on one example; under ZeRO-3 every rank must call this together."""
+    import torch
+
+    ids = torch.tensor([example["input_ids"]], device=next(model.parameters()).device)
+    model.eval()
+    with torch.no_grad():
+        return ids.cpu(), model(input_ids=ids).logits.float().cpu()
+
+
+def write_run_files(trainer, out: Path, recorder: RecordingCollator, example: dict, info: dict) -> None:
+    """Gather what each rank saw to rank 0, which writes run_info.json and probe.pt."""
+    import torch
+    import torch.distributed as dist
+
+    ids, logits = probe_logits(trainer.model, example)
+    mine = {"rank": dist.get_rank() if dist.is_initialized() else 0,
+            "process_index": trainer.args.process_index, "world_size": trainer.args.world_size,
+            "should_save": trainer.args.should_save, "batches": recorder.batches}
+    ranks = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    if trainer.is_world_process_zero():
+        torch.save({"input_ids": ids, "logits": logits}, out / PROBE)
+        (out / RUN_INFO).write_text(json.dumps({**info, "ranks": ranks}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train, evaluate, save the adapter, and write the run files (see the module docstring)."""
+    args = parse_args(argv)
+    smoke = registry.smoke_mode()
+    tutorial = registry.get(args.tutorial)
+    cfg = run_config(args, smoke)
+    ds_config, stage = deepspeed_plan(args)
+    distributed.check_plan(args.quant, stage)
+    out = Path(args.output)
+    # the process group first (gloo without CUDA), then TrainingArguments, then the model: with the
+    # DeepSpeed config known, from_pretrained builds the model already partitioned (zero.Init)
+    targs = training.training_args(cfg, out, deepspeed=ds_config, **eval_settings(cfg, args.eval_steps),
+                                   **distributed.setup_process_group())
+    set_seed(cfg.seed)  # the Trainer seeds only later: LoRA's random A matrices must match on resume
+    model, tokenizer = models.load_model(tutorial, quant=args.quant, smoke_mode=smoke)
+    partitioned = all(hasattr(p, "ds_id") for p in model.parameters())  # loaded under zero.Init
+    train_ds, eval_ds = load_splits(args, tutorial, tokenizer, smoke, cfg.max_length)
+    model = models.add_lora(model, tutorial, cfg)
+    trainer = training.make_trainer(
+        model, tokenizer, train_ds, cfg, out, eval_ds=eval_ds, args=targs,
+        compute_metrics=metrics.token_accuracy,
+        preprocess_logits_for_metrics=metrics.preprocess_logits_for_metrics,
+        callbacks=[StopAt(args.stop_at_step)] if args.stop_at_step else None)
+    recorder = RecordingCollator(trainer.data_collator, train_ds)
+    trainer.data_collator = recorder
+    resume = args.resume and any(out.glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    # all ranks take part: ZeRO-3 gathers the slices (stage3_gather_16bit_weights_on_model_save)
+    trainer.save_model(str(out / ADAPTER))
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        model.generation_config.save_pretrained(out / ADAPTER)  # the stop tokens travel along
+    used = trainer.args.hf_deepspeed_config.config  # "auto" filled in by the Trainer
+    info = {"tutorial": tutorial.key, "zero_stage": stage,
+            "offload": "offload_optimizer" in used["zero_optimization"],
+            "gradient_checkpointing": cfg.gradient_checkpointing, "resumed": resume,
+            "loaded_partitioned": partitioned,
+            "train_examples": len(train_ds), "eval_examples": len(eval_ds),
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            # what DeepSpeed ran with, and the global batch it derived (micro x accumulation x ranks)
+            "deepspeed": used,
+            "train_batch_size": trainer.model_wrapped.train_batch_size()}
+    write_run_files(trainer, out, recorder, eval_ds[0], info)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""ZeRO configs, the launch plan, and the launch script run for real on 2 CPU processes.
+
+The config tests parse every variant with DeepSpeed's and accelerate's own loaders. The run
+tests start `torchrun --nproc_per_node 2 -m selfllm_utils.train_zero3` once (ZeRO-3, gloo, the
+tiny Qwen1.5 stand-in, gradient checkpointing on; about 40 s on 2 cores) and check it from
+outside: sharded data, one writer, a complete adapter that a plain process loads to the same
+logits, a merge that answers the same. Resuming with offload needs two more launches: `slow`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfllm_utils import distributed, registry, train_zero3
+
+STEPS, EVAL_STEPS, STOP_AT = 8, 4, 4
+TUTORIAL = registry.get("qwen1.5")
+AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+VARIANTS = [(stage, offload) for stage in distributed.ZERO_STAGES for offload in (False, True)]
+TOL = 1e-5  # fp32 on the CPU: a reload or a merge moves logits by rounding only
+
+
+def fill_auto(config: dict, micro: int = 2, accumulation: int = 4) -> dict:
+    """What the Trainer writes over "auto" (concrete values, so DeepSpeed's own parser can run)."""
+    out = copy.deepcopy(config)
+    out.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accumulation,
+               gradient_clipping=1.0)
+    out["bf16"]["enabled"], out["fp16"]["enabled"] = True, False
+    for key, value in out["zero_optimization"].items():
+        if value == "auto":
+            out["zero_optimization"][key] = 1000
+    return out
+
+
+# ---------------------------------------------------------------- configs, without training
+
+
+@pytest.mark.parametrize(("stage", "offload"), VARIANTS)
+def test_deepspeed_config_is_valid(stage: int, offload: bool) -> None:
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = distributed.deepspeed_config(stage, offload)
+    hf = HfDeepSpeedConfig(copy.deepcopy(config))  # accelerate's reader: accepts "auto"
+    assert hf.get_value("zero_optimization.stage") == stage
+    assert hf.is_zero3() == (stage == 3)
+    if stage > 1:  # accelerate's is_offload() looks at stages 2 and 3 only
+        assert hf.is_offload() == offload
+    ds = DeepSpeedConfig(fill_auto(config))  # DeepSpeed's own validation
+    assert ds.zero_optimization_stage == stage
+    assert ds.train_batch_size == 2 * 4  # derived by DeepSpeed itself: micro x accumulation x 1
+    assert (ds.zero_config.offload_optimizer is not None) == offload
+    assert (ds.zero_config.offload_param is not None) == (offload and stage == 3)
+
+
+@pytest.mark.parametrize(("stage", "offload"), VARIANTS)
+def test_values_the_trainer_sets_are_auto(stage: int, offload: bool) -> None:
+    config = distributed.deepspeed_config(stage, offload)
+    for key in AUTO_KEYS:
+        assert config[key] == "auto", key
+    assert config["bf16"]["enabled"] == "auto" and config["fp16"]["enabled"] == "auto"
+    # "auto" would be filled with the Trainer's idea of the world size (1 under torchrun on CPU)
+    assert "train_batch_size" not in config
+    # one place for optimizer and schedule: the Trainer's
+    assert "optimizer" not in config and "scheduler" not in config
+
+
+def test_stage3_gathers_weights_on_save() -> None:
+    for offload in (False, True):
+        zero = distributed.deepspeed_config(3, offload)["zero_optimization"]
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+        assert {"offload_param", "offload_optimizer"} <= set(zero) if offload else not (
+            {"offload_param", "offload_optimizer"} & set(zero))
+
+
+def test_bad_stage_is_refused() -> None:
+    with pytest.raises(ValueError, match="stage"):
+        distributed.deepspeed_config(4)
+    with pytest.raises(ValueError, match="num_processes"):
+        distributed.accelerate_config(0, "ds.json")
+
+
+def test_written_configs_load_with_accelerate(tmp_path: Path) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    paths = distributed.write_configs(tmp_path, num_processes=4, stage=3, offload=True)
+    assert json.loads(paths["deepspeed"].read_text()) == distributed.deepspeed_config(3, True)
+    cluster = load_config_from_file(str(paths["accelerate"]))
+    assert str(cluster.distributed_type) == "DistributedType.DEEPSPEED"
+    assert cluster.num_processes == 4
+    assert Path(cluster.deepspeed_config["deepspeed_config_file"]) == paths["deepspeed"].resolve()
+    assert cluster.deepspeed_config["zero3_init_flag"] is True
+    # with a DeepSpeed JSON, accelerate refuses these in the YAML too (they would disagree)
+    raw = distributed.accelerate_config(4, paths["deepspeed"])
+    assert not {"mixed_precision", "gradient_accumulation_steps"} & set(raw["deepspeed_config"])
+    assert "mixed_precision" not in raw
+
+
+def test_check_plan() -> None:
+    with pytest.raises(ValueError, match="ZeRO-2"):
+        distributed.check_plan("4bit", 3)
+    for quant, stage in [("4bit", 2), ("4bit", None), ("bf16", 3), ("bf16", None)]:
+        distributed.check_plan(quant, stage)
+    with pytest.raises(ValueError, match="stage"):
+        distributed.check_plan("bf16", 5)
+
+
+def test_script_refuses_4bit_with_zero3() -> None:
+    with pytest.raises(ValueError, match="ZeRO-2"):
+        train_zero3.main(["--output", "unused", "--quant", "4bit", "--stage", "3"])
+
+
+def test_no_device_map_under_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On GPUs load_model pins the model to one device, except under a launcher (DeepSpeed places it)."""
+    from transformers import AutoModelForCausalLM
+
+    from selfllm_utils import models
+
+    seen: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Stop):
+        models.load_model(TUTORIAL, smoke_mode=True)
+    assert "device_map" not in seen
+
+
+def test_no_process_group_outside_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert distributed.setup_process_group() == {}
+
+
+# ------------------------------------------------------- the script on 2 processes (ZeRO-3, gloo)
+
+
+def launch(output: Path, *extra: str) -> subprocess.CompletedProcess:
+    """torchrun --standalone (a free port: parallel tests do not collide) with 2 processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "selfllm_utils.train_zero3", "--tutorial", TUTORIAL.key, "--output", str(output),
+           "--max-steps", str(STEPS), "--eval-steps", str(EVAL_STEPS), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def losses(output: Path) -> dict[int, float]:
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not registry.smoke_mode():
+        pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
+    out = tmp_path_factory.mktemp("zero3") / "run"
+    launch(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_info(zero3_run: Path) -> dict:
+    return json.loads((zero3_run / train_zero3.RUN_INFO).read_text())
+
+
+@pytest.fixture(scope="module")
+def probe(zero3_run: Path) -> dict:
+    return torch.load(zero3_run / train_zero3.PROBE)
+
+
+def test_each_rank_trains_on_its_own_batches(run_info: dict) -> None:
+    ranks = run_info["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["process_index"] for r in ranks] == [0, 1]  # not "1 process" on each rank
+    assert all(r["world_size"] == 2 for r in ranks)
+    first = [set(r["batches"][0]) for r in ranks]
+    assert first[0] and first[1] and not first[0] & first[1]
+    micro = registry.smoke_config(TUTORIAL).per_device_train_batch_size
+    assert run_info["train_batch_size"] == micro * 2  # DeepSpeed counted both ranks
+
+
+def test_only_rank0_writes_model_files(zero3_run: Path, run_info: dict) -> None:
+    assert [r["should_save"] for r in run_info["ranks"]] == [True, False]
+    # each rank saves only its own slice of the ZeRO state; the adapter and state exist once
+    step = zero3_run / f"checkpoint-{STEPS}" / f"global_step{STEPS}"
+    assert sorted(p.name for p in step.glob("*optim_states.pt")) == [
+        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    assert len(list(zero3_run.glob("**/adapter_model.safetensors"))) == 1 + len(
+        list(zero3_run.glob("checkpoint-*")))
+
+
+def test_weights_loaded_partitioned_and_config_resolved(run_info: dict) -> None:
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    assert run_info["loaded_partitioned"]  # zero.Init: no rank held the whole model
+    used = run_info["deepspeed"]
+    assert "auto" not in json.dumps(used)  # the Trainer filled in every value
+    assert DeepSpeedConfig(used).zero_optimization_stage == 3
+
+
+def test_loss_falls_with_gradient_checkpointing(zero3_run: Path, run_info: dict) -> None:
+    assert run_info["gradient_checkpointing"]
+    curve = losses(zero3_run)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert curve[STEPS] < curve[1] - 0.2
+    history = json.loads((zero3_run / "trainer_state.json").read_text())["log_history"]
+    accuracy = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
+    assert len(accuracy) == STEPS // EVAL_STEPS
+    assert run_info["best_checkpoint"].endswith(tuple(f"checkpoint-{s}" for s in (4, 8)))
+
+
+def test_saved_adapter_is_complete(zero3_run: Path) -> None:
+    """ZeRO-3 keeps slices; saving without gathering writes size-0 tensors (DeepSpeed#4295)."""
+    from peft import get_peft_model
+
+    from selfllm_utils import models
+
+    saved = adapter_tensors(zero3_run / train_zero3.ADAPTER)
+    model, _ = models.load_model(TUTORIAL, smoke_mode=True)
+    cfg = registry.smoke_config(TUTORIAL)
+    fresh = {k: v for k, v in get_peft_model(model, models.lora_config(TUTORIAL, cfg)).state_dict().items()
+             if "lora_" in k}
+    assert len(saved) == len(fresh) > 0
+    for key, tensor in saved.items():
+        match = next(v for k, v in fresh.items() if k.replace(".default", "") == key)
+        assert tensor.shape == match.shape and tensor.numel() > 0, key
+        assert tensor.abs().sum() > 0, f"{key} is all zeros: not trained or not gathered"
+
+
+def test_plain_process_reload_gives_the_trained_logits(zero3_run: Path, probe: dict) -> None:
+    from selfllm_utils import inference
+
+    model, _ = inference.load_adapter(TUTORIAL, zero3_run / train_zero3.ADAPTER, smoke_mode=True)
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    assert torch.allclose(logits, probe["logits"], atol=TOL)
+    base = model.get_base_model()
+    with torch.no_grad(), model.disable_adapter():
+        untrained = base(input_ids=probe["input_ids"]).logits
+    assert (untrained - probe["logits"]).abs().max() > 100 * TOL  # the adapter matters
+
+
+def test_merge_in_a_plain_process_answers_the_same(zero3_run: Path, probe: dict, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from selfllm_utils import inference
+
+    merged_dir = inference.merge_and_save(TUTORIAL, zero3_run / train_zero3.ADAPTER,
+                                          tmp_path / "merged", smoke_mode=True)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    with torch.no_grad():
+        logits = merged(input_ids=probe["input_ids"]).logits
+    assert torch.allclose(logits, probe["logits"], atol=1e-4)
+    adapter_model, tokenizer = inference.load_adapter(TUTORIAL, zero3_run / train_zero3.ADAPTER,
+                                                      smoke_mode=True)
+    question = "你是谁？"
+    a = inference.chat(adapter_model, tokenizer, question, TUTORIAL.family, max_new_tokens=12)
+    b = inference.chat(merged, tokenizer, question, TUTORIAL.family, max_new_tokens=12)
+    assert a.token_ids == b.token_ids
+
+
+@pytest.mark.slow
+def test_resume_with_offload_ends_where_the_uninterrupted_run_does(zero3_run: Path,
+                                                                   tmp_path: Path) -> None:
+    """Stop after step 4 (as if the job died), resume with --resume: steps 5-8 and the final
+    weights equal the uninterrupted run's (LlamaFactory#1226: resume under ZeRO-3 + offload)."""
+    out = tmp_path / "interrupted"
+    launch(out, "--offload", "--stop-at-step", str(STOP_AT))
+    assert sorted(losses(out)) == list(range(1, STOP_AT + 1))
+    launch(out, "--offload", "--resume")
+    info = json.loads((out / train_zero3.RUN_INFO).read_text())
+    assert info["resumed"] and info["offload"]
+    resumed, straight = losses(out), losses(zero3_run)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(STOP_AT + 1, STEPS + 1):
+        assert resumed[step] == pytest.approx(straight[step], abs=TOL), step
+    last = f"checkpoint-{STEPS}"
+    a, b = adapter_tensors(out / last), adapter_tensors(zero3_run / last)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=TOL) for k in a)
