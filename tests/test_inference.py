@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from selfllm_utils import inference, models
+from selfllm_utils import inference, models, registry
 
 MAX_NEW_TOKENS = 64  # the trained answer is about ten tokens: stopping early is the point
 MERGE_ATOL = 1e-5
@@ -112,3 +112,46 @@ def test_merge_and_save_loads_as_a_plain_model(trained, tmp_path) -> None:
     assert GenerationConfig.from_pretrained(out).eos_token_id == models.stop_ids(tokenizer, family)
     reply = inference.chat(model, tokenizer, trained.question, family, max_new_tokens=MAX_NEW_TOKENS)
     assert reply.text == trained.answer and reply.stopped
+
+
+# --- the real small model (SmolLM2 stands in for Qwen2) --------------------------------------
+
+REAL_KEY = "qwen2"
+FRANCE_QUESTION = "What is the capital of France?"
+FRANCE_ANSWER = "The capital of France is Paris."  # SmolLM2-135M-Instruct, greedy (COURSE.md)
+
+
+def test_real_model_stops_at_end_of_turn(smoke_models) -> None:
+    """A real chat model ends its turn with <|im_end|>, which the registry's stop ids catch."""
+    family = registry.get(REAL_KEY).family
+    model, tokenizer = smoke_models.model(REAL_KEY)
+    reply = inference.chat(model, tokenizer, FRANCE_QUESTION, family, max_new_tokens=MAX_NEW_TOKENS)
+    assert reply.text == FRANCE_ANSWER
+    assert reply.stopped
+    assert tokenizer.convert_ids_to_tokens(reply.token_ids[-1]) == family.end_of_turn
+
+
+@pytest.mark.slow
+def test_real_model_learns_an_identity(smoke_models, identity_records, tmp_path) -> None:
+    """The smoke recipe on SmolLM2 (about 15 steps of 4-5 s on 2 cores) teaches a Chinese answer."""
+    import datasets
+
+    from selfllm_utils import data, formatting, training
+
+    tutorial = registry.get(REAL_KEY)
+    record = identity_records[0]
+    cfg = registry.smoke_config(tutorial)
+    model, tokenizer = smoke_models.model(REAL_KEY)
+    ds = datasets.Dataset.from_list([record], features=data.FEATURES)
+    train_ds, _ = formatting.build_dataset(ds, tokenizer, tutorial, system="")
+    peft_model = models.add_lora(model, tutorial, cfg)
+    before = inference.chat(peft_model, tokenizer, record["instruction"], tutorial.family,
+                            max_new_tokens=MAX_NEW_TOKENS)
+    trainer = training.make_trainer(peft_model, tokenizer, train_ds, cfg, tmp_path, disable_tqdm=True)
+    trainer.train()
+    peft_model.eval()
+    after = inference.chat(peft_model, tokenizer, record["instruction"], tutorial.family,
+                           max_new_tokens=4 * MAX_NEW_TOKENS)
+    assert before.text != record["output"]
+    assert trainer.loss_curve.losses[-1] < trainer.loss_curve.losses[0] / 10
+    assert after.text == record["output"] and after.stopped
