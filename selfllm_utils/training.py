@@ -9,6 +9,7 @@ apart in attention (tested in tests/test_training.py).
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -135,6 +136,8 @@ class LossCurve(TrainerCallback):
         self.eval_steps: list[int] = []
         self.eval_losses: list[float] = []
         self._handle = None
+        self.every_s = 2.0  # redraw at most this often: drawing costs more than a tiny step
+        self._drawn = 0.0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -144,10 +147,12 @@ class LossCurve(TrainerCallback):
         if "eval_loss" in logs:
             self.eval_steps.append(state.global_step)
             self.eval_losses.append(float(logs["eval_loss"]))
-        if self.live and self.losses:
+        if self.live and self.losses and time.monotonic() - self._drawn > self.every_s:
             self._show()
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.live and self.losses:
+            self._show()  # the final curve, whatever the throttle skipped
         path = self.path or Path(args.output_dir) / LOSS_PNG
         if self.losses and state.is_world_process_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +180,7 @@ class LossCurve(TrainerCallback):
         from IPython.display import display
 
         fig = self.figure()
+        self._drawn = time.monotonic()
         if self._handle is None:
             self._handle = display(fig, display_id=True)
         else:
