@@ -50,7 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="webdemo", allow_abbrev=False,
                                      description="Streamlit chat with a tutorial's model")
     parser.add_argument("--tutorial", default="qwen2", choices=list(registry.TUTORIALS))
-    parser.add_argument("--adapter", default=None, help="LoRA adapter folder (inference.save_adapter)")
+    parser.add_argument("--adapter", default=None,
+                        help="LoRA adapter folder (inference.save_adapter)")
     parser.add_argument("--max-context", type=int, default=None,
                         help="token budget of prompt + answer (default: the model's maximum)")
     parser.add_argument("--timeout", type=float, default=60.0,
@@ -75,15 +76,18 @@ def command(tutorial: str = "qwen2", adapter: str | Path | None = None, port: in
     """The `streamlit run` command line of the demo.
 
     Headless (no browser is opened on a server), no usage statistics sent, no file watcher
-    (nothing to reload on a course machine), and bound to `address`: 127.0.0.1 keeps the demo
-    private to the machine; pass 0.0.0.0 only where a platform forwards a port for you.
+    (nothing to reload on a course machine), no "Deploy" button, and bound to `address`:
+    127.0.0.1 keeps the demo private to the machine; pass 0.0.0.0 only where a platform
+    forwards a port for you (AutoDL's custom service, for example).
     """
     registry.get(tutorial)  # an unknown tutorial fails here, not in the browser
-    app_args = ["--tutorial", tutorial] + (["--adapter", str(check_adapter(adapter))] if adapter else [])
+    app_args = ["--tutorial", tutorial]
+    if adapter:
+        app_args += ["--adapter", str(check_adapter(adapter))]
     return [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()),
             "--server.address", address, "--server.port", str(port),
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none", "--", *app_args]
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal", "--", *app_args]
 
 
 def serve(tutorial: str = "qwen2", adapter: str | Path | None = None, port: int = 8501,
@@ -139,15 +143,15 @@ def load(tutorial_key: str, adapter: str | None) -> Served:
     """
     tutorial = registry.get(tutorial_key)
     smoke_mode = registry.smoke_mode()
-    base = (f"smoke stand-in {models.model_path(tutorial, smoke_mode)}" if smoke_mode
-            else tutorial.modelscope_id)
+    served_on = str(models.model_path(tutorial, smoke_mode)) if smoke_mode else tutorial.modelscope_id
+    base = f"smoke stand-in {served_on}" if smoke_mode else served_on
     if adapter is None:
         model, tokenizer = models.load_model(tutorial, smoke_mode=smoke_mode)
         return Served(tutorial, model.eval(), tokenizer, base, None, None)
     path = check_adapter(adapter)
     model, tokenizer = inference.load_adapter(tutorial, path, smoke_mode=smoke_mode)
-    trained_on = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    served_on = base.split()[-1] if smoke_mode else tutorial.modelscope_id
+    config = json.loads((path / "adapter_config.json").read_text())
+    trained_on = config.get("base_model_name_or_path")
     warning = None
     if trained_on and _base_name(trained_on) != _base_name(served_on):
         warning = (f"This adapter was trained on {trained_on}, but the base model here is "
@@ -301,15 +305,17 @@ def respond(served: Served, history: list[dict[str, str]], question: str, option
         if not isinstance(answer, str) or not answer.strip():
             answer = "(empty answer: the model ended its turn at once)"
             st.markdown(answer)
-    history.extend([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    history.extend([{"role": "user", "content": question},
+                    {"role": "assistant", "content": answer}])
 
 
 def page(args: argparse.Namespace | None = None) -> None:
     """The whole app, run by Streamlit once per interaction of each browser session."""
     args = args or parse_args()
     tutorial = registry.get(args.tutorial)
-    st.set_page_config(page_title=f"{tutorial.modelscope_id.split('/')[-1]} WebDemo", page_icon="💬")
-    st.title(f"💬 {tutorial.modelscope_id.split('/')[-1]} Chatbot")
+    name = tutorial.modelscope_id.split("/")[-1]
+    st.set_page_config(page_title=f"{name} WebDemo", page_icon="💬")
+    st.title(f"💬 {name} Chatbot")
     st.caption("🚀 A streamlit chatbot powered by Self-LLM")
     try:
         served = load(args.tutorial, str(check_adapter(args.adapter)) if args.adapter else None)

@@ -19,7 +19,9 @@ from selfllm_utils import formatting, inference, models, registry, webdemo
 RUN_TIMEOUT = 180  # seconds per script run: the first one loads the model on 2 busy cores
 QUESTION = "What is the capital of France?"
 ANSWER_WORD = "Paris"  # SmolLM2's greedy answer: "The capital of France is Paris."
-SHORT = 8  # max new tokens where the answer's content does not matter (keeps tests fast)
+TINY = "deepseek"  # tiny random model, answers in milliseconds: where the content does not matter
+STALL = 1.0  # seconds one forward pass takes in the stalled-generation test
+SHORT = 4  # max new tokens where the answer's content does not matter (keeps tests fast)
 
 
 @pytest.fixture
@@ -119,7 +121,7 @@ def test_generation_error_is_shown_and_the_app_keeps_serving(app, monkeypatch):
 
     real = webdemo.generate
     monkeypatch.setattr(webdemo, "generate", broken)
-    at = ask(app(), QUESTION)
+    at = ask(app(f"--tutorial {TINY}"), QUESTION)
     assert "CUDA out of memory (simulated)" in at.error[0].value
     assert history(at) == []  # the failed turn is not kept
 
@@ -129,30 +131,34 @@ def test_generation_error_is_shown_and_the_app_keeps_serving(app, monkeypatch):
     assert len(history(at)) == 2
 
 
-def test_stalled_generation_ends_with_a_timeout(app, monkeypatch):
-    real = webdemo.generate
+def test_stalled_generation_ends_with_a_timeout_and_stops_the_model(app, monkeypatch):
+    real, forwards, served = webdemo.generate, [], []
 
-    def stalled(served, *args):
-        forward = served.model.forward
+    def stalled(model_served, *args):
+        forward = model_served.model.forward
 
         def slow(*a, **k):
-            time.sleep(1.5)  # longer than --timeout: no token arrives in time
+            forwards.append(time.monotonic())
+            time.sleep(STALL)  # longer than --timeout: no token arrives in time
             return forward(*a, **k)
 
-        served.model.forward = slow
-        try:
-            yield from real(served, *args)
-        finally:
-            del served.model.forward  # the class's forward again
+        model_served.model.forward = slow
+        served.append(model_served)
+        yield from real(model_served, *args)
 
     monkeypatch.setattr(webdemo, "generate", stalled)
-    at = ask(app("--tutorial qwen2 --timeout 0.3"), QUESTION)
-    assert "timeout" in at.error[0].value and history(at) == []
+    try:
+        at = ask(app(f"--tutorial {TINY} --timeout 0.3", max_new_tokens=None), QUESTION)
+        assert "timeout" in at.error[0].value and history(at) == []
+        time.sleep(2 * STALL)
+        assert len(forwards) == 1  # the abandoned generation stopped after one step, not 512
+    finally:
+        del served[0].model.forward  # the class's forward again, for the other tests
 
 
 def test_long_input_is_cut_to_the_context_limit_with_a_note(app, calls):
-    limit = 192
-    at = ask(app(f"--tutorial qwen2 --max-context {limit}"), "Hi!")
+    limit = 128
+    at = ask(app(f"--tutorial {TINY} --max-context {limit}"), "Hi!")
     assert not at.warning
     ask(at, "word " * 400)
     note = at.warning[0].value
@@ -162,22 +168,45 @@ def test_long_input_is_cut_to_the_context_limit_with_a_note(app, calls):
     assert chat(at)[-1][0] == "assistant" and len(history(at)) == 4
 
 
-def test_adapter_is_served_and_named(app, calls, tmp_path):
-    tutorial = registry.get("qwen1.5")  # a tiny random model: the adapter only needs to load
+@pytest.fixture
+def adapter(tmp_path):
+    """A saved LoRA adapter on the tiny DeepSeek stand-in, with random (non-zero) B matrices.
+
+    peft starts B at zero, so a fresh adapter would answer exactly like the base model; random
+    weights make "which one is answering" visible in milliseconds, without training.
+    """
+    from peft import get_peft_model
+
+    tutorial = registry.get(TINY)
     model, tokenizer = models.load_model(tutorial, smoke_mode=True)
-    adapter = inference.save_adapter(models.add_lora(model, tutorial, registry.smoke_config(tutorial)),
-                                     tokenizer, tmp_path / "adapter")
-    at = ask(app(f"--tutorial qwen1.5 --adapter {adapter}", max_new_tokens=4), "你是谁？")
+    config = models.lora_config(tutorial, registry.smoke_config(tutorial))
+    config.init_lora_weights = False
+    return inference.save_adapter(get_peft_model(model, config), tokenizer, tmp_path / "adapter")
+
+
+def test_adapter_is_served_named_and_is_the_one_answering(app, calls, adapter, tmp_path):
+    """The learner's adapter answers on the page (self-llm#230: "the demo answers as before")."""
+    tutorial = registry.get(TINY)
+    at = app(f"--tutorial {TINY} --adapter {adapter}")
     assert str(adapter) in at.info[0].value and webdemo.NO_ADAPTER not in at.info[0].value
-    assert not at.warning and type(calls[-1]["served"].model).__name__.startswith("Peft")
-    assert chat(at)[-1][0] == "assistant" and chat(at)[-1][1]
+    assert not at.warning
+    at.text_area(key="system").set_value("")
+    ask(at, "你是谁？")
+    assert type(calls[-1]["served"].model).__name__.startswith("Peft")
+    tuned, tokenizer = inference.load_adapter(tutorial, adapter, smoke_mode=True)
+    with tuned.disable_adapter():
+        base_reply = inference.chat(tuned, tokenizer, "你是谁？", tutorial.family,
+                                    max_new_tokens=SHORT)
+    reply = inference.chat(tuned, tokenizer, "你是谁？", tutorial.family, max_new_tokens=SHORT)
+    assert reply.text != base_reply.text  # the adapter changes the answer ...
+    assert chat(at)[-1] == ("assistant", reply.text)  # ... and the page shows the adapter's
 
     # an adapter trained on another base model is served, with a warning on the page
     other = shutil.copytree(adapter, tmp_path / "other")
     config = json.loads((other / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "/root/autodl-tmp/qwen/Qwen2-7B-Instruct"
     (other / "adapter_config.json").write_text(json.dumps(config))
-    at = app(f"--tutorial qwen1.5 --adapter {other}")
+    at = app(f"--tutorial {TINY} --adapter {other}")
     assert "Qwen2-7B-Instruct" in at.warning[0].value
 
 
