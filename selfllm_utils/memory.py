@@ -36,7 +36,9 @@ Checked against `torch.cuda.max_memory_allocated` on an H100 (DeepSeek-7B shape,
 weights, the course's `models.load_model` + `add_lora` + `training.make_trainer`): within
 0.1 GiB for 4-bit at 1k-4k tokens with and without checkpointing, and for bf16 at 1k tokens;
 bf16 with checkpointing at 4k tokens is over by 0.7 GiB (4%): there the logits and the layer
-recompute are not alive at the same time.
+recompute are not alive at the same time. With Liger the estimate is 1-10% high with
+checkpointing and ~40% high without: Liger's fused RMSNorm and SwiGLU also keep fewer
+activations, which is not modelled (the estimate errs on the safe side).
 
 ZeRO (DeepSpeed) divides per GPU: stage 1 the optimizer states, stage 2 also the gradients,
 stage 3 also the parameters (each GPU then gathers one layer, or the lm_head, at a time).
