@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = run_config(args, smoke)
     ds_config, stage = deepspeed_plan(args)
     distributed.check_plan(args.quant, stage)
+    if stage == 3:  # Liger's fused loss reads lm_head.weight directly, which ZeRO-3 leaves as an
+        cfg = dataclasses.replace(cfg, use_liger=False)  # empty slice (trl#3368, trl#6372)
     out = Path(args.output)
     # the process group first (gloo without CUDA), then TrainingArguments, then the model: with the
     # DeepSpeed config known, from_pretrained builds the model already partitioned (zero.Init)
