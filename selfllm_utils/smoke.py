@@ -18,7 +18,7 @@ from pathlib import Path
 from . import registry
 from .registry import ChatFamily, Tutorial
 
-BUILD_VERSION = "1"  # bump to rebuild every cached stand-in
+BUILD_VERSION = "2"  # bump to rebuild every cached stand-in
 
 
 def model_dir(tutorial: Tutorial) -> Path:
@@ -103,6 +103,10 @@ def build_tiny(tutorial: Tutorial, folder: Path) -> None:
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
+    # The output layer stays frozen under LoRA; with the usual std 0.02 at hidden size 64 its
+    # logits cannot leave +-1.7, so a tiny model could never grow confident. Std 0.16 lets the
+    # adapters push the right token to a clear lead, and the smoke loss falls like a real one's.
+    torch.nn.init.normal_(model.get_output_embeddings().weight, std=0.16)
     model.generation_config = _generation_config(tokenizer, tutorial.family)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

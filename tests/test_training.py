@@ -23,7 +23,9 @@ KEY = "deepseek"
 N_EXAMPLES = 3  # of different lengths
 LORA_B_STD = 0.5  # B starts at zero; make the adapter change the forward so its gradients mean something
 LOSS_ATOL = 1e-5
-GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5
+# float32 sums in another order differ by ~1e-5 of gradients of order 1; attention that leaks
+# across packed sequences changes them at the 1e-1 level (see the use_cache trap test below)
+GRAD_RTOL, GRAD_ATOL = 1e-3, 1e-4
 # With a KV cache, transformers skips the packed-sequence detection and the sequences attend to
 # each other: measured max logit difference about 1.0 on these tiny models (transformers 5.24),
 # 10 in COURSE.md's measurement; exact packing stays below 1e-5.
