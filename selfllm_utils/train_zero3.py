@@ -9,7 +9,8 @@ One process per GPU, started by a launcher:
 
 Under `accelerate launch` the DeepSpeed JSON named in its YAML is used; otherwise `--stage` and
 `--offload` build one (`distributed.deepspeed_config`). Without CUDA (CI) the processes talk over
-gloo and the smoke model stands in, so the same code path runs on a laptop.
+gloo and the smoke model stands in, so the same code path runs on a laptop. Download the real
+weights before launching (`selfllm download qwen1.5`): otherwise every process fetches them at once.
 
 Steps, as in the seed: records -> train/eval split -> chat template -> LoRA -> Trainer with
 evaluation (token accuracy) and the best checkpoint kept -> the adapter saved whole. `--resume`
@@ -176,12 +177,17 @@ def main(argv: list[str] | None = None) -> None:
     if stage == 3:  # Liger's fused loss reads lm_head.weight directly, which ZeRO-3 leaves as an
         cfg = dataclasses.replace(cfg, use_liger=False)  # empty slice (trl#3368, trl#6372)
     out = Path(args.output)
-    # the process group first (gloo without CUDA), then TrainingArguments, then the model: with the
-    # DeepSpeed config known, from_pretrained builds the model already partitioned (zero.Init)
+    # find (or build) the weights before any process group or DeepSpeed config exists: built under
+    # either, the smoke model is saved by rank 0 only, or as empty slices. Download the real
+    # weights before launching (the notebook does): every rank would fetch them at once.
+    path = models.model_path(tutorial, smoke)
+    group = distributed.setup_process_group()  # gloo without CUDA
+    # TrainingArguments before the model: with the DeepSpeed config known, from_pretrained builds
+    # the model already partitioned (zero.Init), so no process holds all the weights
     targs = training.training_args(cfg, out, deepspeed=ds_config, **eval_settings(cfg, args.eval_steps),
-                                   **distributed.setup_process_group())
+                                   **group)
     set_seed(cfg.seed)  # the Trainer seeds only later: LoRA's random A matrices must match on resume
-    model, tokenizer = models.load_model(tutorial, quant=args.quant, smoke_mode=smoke)
+    model, tokenizer = models.load_model(tutorial, quant=args.quant, smoke_mode=smoke, path=path)
     partitioned = all(hasattr(p, "ds_id") for p in model.parameters())  # loaded under zero.Init
     train_ds, eval_ds = load_splits(args, tutorial, tokenizer, smoke, cfg.max_length)
     model = models.add_lora(model, tutorial, cfg)
