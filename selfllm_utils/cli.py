@@ -56,17 +56,17 @@ def cached_models() -> list[str]:
 
 
 def fit_report(memory_gib: float | None) -> dict[str, str]:
-    """For each tutorial: does its course recipe fit this GPU, by the memory estimate."""
-    try:
-        from . import memory
-    except ImportError:  # estimator not installed in this checkout
-        return {}
+    """For each tutorial: does its course recipe fit this GPU, by memory.estimate_memory."""
+    from . import memory
+
     report = {}
     for t in registry.TUTORIALS.values():
-        quant = "4bit" if t.key == "deepseek" else "bf16"
-        est = memory.estimate_memory(t, quant=quant)
+        quant = "4bit" if t.key == "deepseek" else "bf16"  # notebook 01's default path
+        cfg = t.config
+        est = memory.estimate_memory(t, quant=quant, optimizer=cfg.optim, liger=cfg.use_liger,
+                                     gradient_checkpointing=cfg.gradient_checkpointing)
         if memory_gib is None:
-            report[t.key] = f"no GPU: smoke mode only (needs ~{est.total_gib:.0f} GiB for {quant})"
+            report[t.key] = f"no GPU: smoke mode only (the real recipe needs ~{est.total_gib:.0f} GiB, {quant})"
         else:
             verdict = "fits" if est.total_gib <= memory_gib else "does not fit"
             report[t.key] = f"{verdict}: ~{est.total_gib:.1f} GiB needed ({quant}), {memory_gib} GiB here"

@@ -1,0 +1,62 @@
+"""The `selfllm` command: doctor, download, argument errors."""
+
+import json
+
+import pytest
+import torch
+
+from selfllm_utils import cli, models, registry
+
+
+def test_doctor_json_is_one_parsable_line(capsys):
+    info = cli.doctor(as_json=True)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    parsed = json.loads(lines[0])
+    assert parsed["smoke_mode"] is True  # conftest forces smoke mode
+    assert (parsed["gpu"] is None) == (not torch.cuda.is_available())
+    assert set(parsed["tutorials"]) == set(registry.TUTORIALS)
+    assert parsed["versions"]["transformers"] == info["versions"]["transformers"]
+
+
+def test_doctor_says_what_fits_a_24_gb_card():
+    report = cli.fit_report(24.0)
+    assert report["deepseek"].startswith("fits")  # QLoRA
+    assert report["qwen2"].startswith("fits")  # measured 17.7 GiB reserved on H100
+    assert report["qwen1.5"].startswith("does not fit")  # 14B bf16 weights alone are 28 GB
+    assert cli.fit_report(8.0)["qwen2"].startswith("does not fit")
+
+
+def test_download_offline_is_one_line(monkeypatch):
+    import modelscope
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Max retries exceeded with url: /api/v1/models\n(more lines)")
+
+    monkeypatch.setattr(modelscope, "snapshot_download", offline)
+    with pytest.raises(SystemExit) as err:
+        cli.main(["download", "qwen2"])
+    message = str(err.value)
+    assert "\n" not in message
+    assert "qwen/Qwen2-7B-Instruct" in message and "SELFLLM_SMOKE" in message
+
+
+def test_download_needs_a_tutorial():
+    with pytest.raises(SystemExit):
+        cli.main(["download"])
+
+
+def test_unknown_tutorial_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["download", "llama9"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cached_models_ignores_partial_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFLLM_HOME", str(tmp_path))
+    folder = tmp_path / "models" / registry.get("qwen2").modelscope_id
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "qwen2"}')
+    assert cli.cached_models() == []  # no weights: a cut-off download
+    (folder / "model.safetensors").write_bytes(b"x")
+    assert cli.cached_models() == ["qwen2"]
