@@ -75,3 +75,11 @@ def test_every_notebook_belongs_to_a_tutorial_or_is_numbered() -> None:
     """Notebook names follow NN-<model>-<method>.ipynb (ASCII)."""
     for path in NOTEBOOK_FILES:
         assert path.name.isascii() and path.name[:2].isdigit() and path.name[2] == "-", path.name
+
+
+def test_notebooks_do_not_read_the_workplace_shared_folder():
+    """Learners have no ../shared: notebooks take data from the package or from find_huanhuan()."""
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+        assert '"shared"' not in code and "../shared" not in code, path.name
