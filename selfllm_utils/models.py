@@ -42,6 +42,13 @@ def check_model_dir(path: Path) -> Path:
                            "code breaks as transformers moves; use ZhipuAI/glm-4-9b-chat-hf instead")
     if not any(f for pattern in WEIGHT_FILES for f in path.glob(pattern)):
         raise RuntimeError(f"{path} has no weight files: the download was cut off; run it again")
+    # a cut-off sharded download: some shards done, others still ModelScope's *.incomplete files
+    for index in path.glob("*.index.json"):
+        missing = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values())
+                         - {f.name for f in path.iterdir()})
+        if missing:
+            raise RuntimeError(f"{path} lacks {len(missing)} weight file(s) its {index.name} lists "
+                               f"({missing[0]}, ...): the download was cut off; run it again")
     return path
 
 
