@@ -1,0 +1,92 @@
+"""Exercises: every worked solution passes its checker, every untouched placeholder does not.
+
+The notebooks' exercise cells are executed here outside the notebook (nbval runs them too, but
+only fails on errors): the learner cell as committed, then its checker cell, which must answer
+False without raising. Context a cell expects from its notebook (T, a tokenizer) is rebuilt
+from the smoke stand-ins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+from selfllm_utils import data, distributed, exercises, memory, models, registry, smoke
+
+ROOT = registry.repo_root()
+SOLUTIONS = sorted((ROOT / "solutions").glob("*.py"))
+NOTEBOOK_KEYS = {"01": "deepseek", "02": "glm4", "03": "qwen2", "04": "qwen1.5"}
+CHECKERS = sorted(name for name, _ in inspect.getmembers(exercises, inspect.isfunction)
+                  if name.startswith("check_"))
+
+
+def _notebook(solution: Path) -> Path:
+    return ROOT / "notebooks" / (solution.stem.rsplit("_", 1)[0] + ".ipynb")
+
+
+def _cells(notebook: Path) -> dict[str, str]:
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    return {c.get("id", ""): "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+            for c in cells}
+
+
+def _context(number: str) -> dict:
+    """What a notebook's exercise cells find defined by the time they run (smoke stand-ins)."""
+    tutorial = registry.get(NOTEBOOK_KEYS[number])
+    tokenizer = models.load_tokenizer(smoke.model_dir(tutorial), tutorial.family)
+    return {"T": tutorial, "tokenizer": tokenizer, "registry": registry, "data": data,
+            "memory": memory, "distributed": distributed, "exercises": exercises,
+            "dataclasses": dataclasses}
+
+
+def test_there_are_solutions() -> None:
+    assert len(SOLUTIONS) >= 6
+
+
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=[p.stem for p in SOLUTIONS])
+def test_solution_passes_its_checker(solution: Path, capsys: pytest.CaptureFixture) -> None:
+    result = runpy.run_path(str(solution))["RESULT"]
+    out = capsys.readouterr().out
+    assert result is True, out
+    assert exercises.OK in out
+
+
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=[p.stem for p in SOLUTIONS])
+def test_placeholder_is_not_yet(solution: Path, capsys: pytest.CaptureFixture) -> None:
+    """The committed learner cell, run as is, makes its checker say "not yet" (and not raise)."""
+    notebook = _notebook(solution)
+    assert notebook.is_file(), f"{solution.name} names no notebook"
+    cells = _cells(notebook)
+    cell_id = f"ex-{solution.stem[:2]}-{solution.stem.rsplit('_', 1)[1]}"
+    assert cell_id in cells and f"{cell_id}-check" in cells, f"{notebook.name} lacks {cell_id}"
+    assert "✏️" in cells[cell_id]  # the placeholder is marked
+    assert f"solutions/{notebook.stem}_" in cells[f"ex-{solution.stem[:2]}-intro"]
+    namespace = _context(solution.stem[:2])
+    exec(cells[cell_id], namespace)  # noqa: S102 - the course's own notebook cell
+    check = cells[f"{cell_id}-check"].strip().rstrip(";")
+    result = eval(check, namespace)  # noqa: S307 - one checker call, as in the notebook
+    assert result is False
+    assert exercises.NOT_YET in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("checker", CHECKERS)
+def test_every_checker_has_a_solution(checker: str) -> None:
+    assert any(checker in path.read_text(encoding="utf-8") for path in SOLUTIONS)
+
+
+@pytest.mark.parametrize("value", [None, ..., "", 3.5, ["x"], {"a": object()}])
+def test_checkers_never_raise_on_odd_answers(value, capsys: pytest.CaptureFixture) -> None:
+    """Whatever a learner types, a checker answers with a hint, not a stack trace."""
+    glm = _context("02")
+    qwen = registry.get("qwen1.5")
+    assert exercises.check_rejected_record(value, value) is False
+    assert exercises.check_lora_rank(registry.get("deepseek"), value, value) is False
+    assert exercises.check_glm4_mid_stop(glm["tokenizer"], glm["T"].family, value) is False
+    assert exercises.check_glm4_targets(glm["tokenizer"], glm["T"], value) is False
+    assert exercises.check_zero3_row(qwen, value, value) is False
+    assert exercises.check_zero3_save_key(value) is False
