@@ -7,4 +7,4 @@ code lives: `from selfllm_utils import formatting; formatting.tokenize_messages(
 """
 
 __all__ = ["registry", "data", "smoke", "formatting", "models", "training", "memory", "metrics",
-           "inference", "distributed", "webdemo"]
+           "inference", "distributed", "webdemo", "exercises"]

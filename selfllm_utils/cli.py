@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import platform
 import sys
 
 from . import registry
@@ -77,7 +78,7 @@ def doctor(as_json: bool = False) -> dict:
     """Everything an instructor needs to know about a machine, in one object."""
     device = gpu()
     info = {
-        "python": sys.version.split()[0], "versions": versions(), "gpu": device,
+        "host": platform.node(), "python": sys.version.split()[0], "versions": versions(), "gpu": device,
         "smoke_mode": registry.smoke_mode(), "home": str(registry.home()),
         "cached_models": cached_models(),
         "tutorials": fit_report(device["memory_gib"] if device else None),
