@@ -191,3 +191,45 @@ def check_zero3_save_key(key: Any) -> bool:
                                "acts when the model is saved?")
     return _verdict(True, f"{key}: True gathers each sharded tensor before Trainer.save_model "
                           "writes it; without it the adapter holds size-0 tensors")
+
+
+def check_new_persona(tokenizer, tutorial: Tutorial, record: Any, old_name: str, new_name: Any) -> bool:
+    """Notebook 03, exercise 1: one edited identity record that would teach a new name.
+
+    No training here (CI runs this cell): the check is that the record is valid, that its trained
+    tokens (the labels) carry the new name and not the old one, and that they end with the
+    family's end of turn, so after training the model says the name and stops.
+    """
+    if not isinstance(new_name, str) or not new_name.strip() or new_name.strip() == old_name:
+        return _verdict(False, f"set NEW_NAME to the new assistant's name (not {old_name!r})")
+    normal, err, unusable = _validate(record)
+    if unusable or err is not None:
+        return _verdict(False, f"the validator rejects it: {unusable or err}")
+    ids = formatting.tokenize_messages(data.to_messages(normal), tokenizer, tutorial.family)
+    trained = tokenizer.decode([t for t in ids["labels"] if t != formatting.IGNORE])
+    print("trained on:", repr(trained))
+    if new_name.strip() not in trained:
+        return _verdict(False, f"{new_name!r} is not in the answer the model trains on; edit 'output'")
+    if old_name in trained:
+        return _verdict(False, f"the answer still says {old_name!r}: a mixed identity confuses it")
+    if not trained.endswith(tutorial.family.end_of_turn):
+        return _verdict(False, "the trained answer does not end with the end-of-turn token")
+    return _verdict(True, f"this record teaches {new_name!r} and the stop at "
+                          f"{tutorial.family.end_of_turn}. Put it in the data instead of the old one "
+                          "(and the other records naming the old name), then train again")
+
+
+def check_end_of_answer(tokenizer, family: ChatFamily, answer: Any) -> bool:
+    """Notebook 03, exercise 2: the token a Qwen2 chat answer ends with (not the base model's eos).
+
+    Read from the template through `formatting.split_turns`, as the training labels have it.
+    """
+    chat = [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是小助手。"}]
+    (truth,) = _target_stops(tokenizer, family, chat)
+    if not isinstance(answer, str) or answer.strip() not in family.stop_tokens:
+        return _verdict(False, f"answer with one of {family.stop_tokens}, spelled exactly")
+    if answer.strip() != truth:
+        return _verdict(False, f"{answer.strip()} ends a whole document (the base model's eos); "
+                               "a chat turn ends with another token")
+    return _verdict(True, f"{truth}: trained as the last label of every answer, and a stop token "
+                          "at generation, so the assistant ends its turn")
