@@ -102,12 +102,14 @@ def save_adapter(model, tokenizer, path: str | Path) -> Path:
 
 
 def load_adapter(tutorial: Tutorial, path: str | Path, quant: str = "bf16",
-                 smoke_mode: bool | None = None):
-    """(model, tokenizer): the tutorial's base model with a saved adapter on top, for inference."""
+                 smoke_mode: bool | None = None, base: str | Path | None = None):
+    """(model, tokenizer): the tutorial's base model (or the one in folder `base`) with a saved
+    adapter on top, for inference."""
     from peft import PeftModel
     from transformers import GenerationConfig
 
-    model, tokenizer = models.load_model(tutorial, quant=quant, smoke_mode=smoke_mode)
+    model, tokenizer = models.load_model(tutorial, quant=quant, smoke_mode=smoke_mode,
+                                         path=models.check_model_dir(Path(base)) if base else None)
     model = PeftModel.from_pretrained(model, str(path))
     if (Path(path) / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
@@ -127,12 +129,12 @@ def merge(model):
 
 
 def merge_and_save(tutorial: Tutorial, adapter: str | Path, out: str | Path,
-                   smoke_mode: bool | None = None) -> Path:
+                   smoke_mode: bool | None = None, base: str | Path | None = None) -> Path:
     """Load base (bf16) + adapter in this plain process, merge, save model, tokenizer, stop tokens.
 
     Run it outside DeepSpeed: under ZeRO-3 the weights are partitioned and merging fails.
     """
-    model, tokenizer = load_adapter(tutorial, adapter, smoke_mode=smoke_mode)
+    model, tokenizer = load_adapter(tutorial, adapter, smoke_mode=smoke_mode, base=base)
     merged = merge(model)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)

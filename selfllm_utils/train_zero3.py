@@ -46,11 +46,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="checkpoints, adapter/ and run files go here")
     p.add_argument("--data", help="instruction records (.json/.jsonl); default: Chat-甄嬛 "
                    "(data.find_huanhuan), the course's 40-record sample in smoke mode")
+    p.add_argument("--model-dir", help="a local model folder (weights copied from elsewhere); "
+                   "default: the registry's ModelScope download, or the smoke model")
+    p.add_argument("--deepspeed", metavar="JSON", help="a DeepSpeed config file of your own (the "
+                   "seed's, say) instead of the one --stage and --offload build")
     p.add_argument("--stage", type=int, default=3, choices=distributed.ZERO_STAGES)
     p.add_argument("--offload", action="store_true", help="optimizer state and weights in CPU RAM")
     p.add_argument("--quant", default="bf16", choices=("bf16", "4bit"))
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: the config's)")
     p.add_argument("--eval-steps", type=int, help="evaluate and save every N steps")
+    p.add_argument("--logging-steps", type=int, help="log the loss every N steps")
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
@@ -65,14 +70,16 @@ def run_config(args: argparse.Namespace, smoke: bool) -> registry.TrainConfig:
     changes: dict = {}
     if args.max_steps:
         changes["max_steps"] = args.max_steps
+    if args.logging_steps:
+        changes["logging_steps"] = args.logging_steps
     if args.gradient_checkpointing is not None:
         changes["gradient_checkpointing"] = args.gradient_checkpointing
     return dataclasses.replace(cfg, **changes)
 
 
 def deepspeed_plan(args: argparse.Namespace) -> tuple[dict | str, int]:
-    """(DeepSpeed config for the Trainer, its ZeRO stage): the launcher's JSON, else built here."""
-    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # set by accelerate launch
+    """(DeepSpeed config for the Trainer, its ZeRO stage): --deepspeed, the launcher's JSON, else built here."""
+    path = args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # accelerate sets it
     if path and path != "none":
         return path, json.loads(Path(path).read_text())["zero_optimization"]["stage"]
     return distributed.deepspeed_config(args.stage, args.offload), args.stage
@@ -109,19 +116,51 @@ def fingerprint(ids: list[int]) -> str:
 class RecordingCollator:
     """Wraps the Trainer's collator and notes which training examples each batch held.
 
-    Evaluation batches (examples not in the train set) are not noted.
+    Evaluation batches (examples not in the train set) are not noted. `tokens` counts each
+    training batch's tokens (packed batches hold no padding), for tokens/s.
     """
 
     def __init__(self, collate, train_ds):
         self.collate = collate
         self.train = {fingerprint(ids) for ids in train_ds["input_ids"]}
         self.batches: list[list[str]] = []
+        self.tokens: list[int] = []
 
     def __call__(self, features):
         prints = [fingerprint(f["input_ids"]) for f in features]
         if prints and all(p in self.train for p in prints):
             self.batches.append(prints)
+            self.tokens.append(sum(len(f["input_ids"]) for f in features))
         return self.collate(features)
+
+
+class StepClock(TrainerCallback):
+    """Wall-clock time at the end of each optimizer step (evaluation and saving come after it)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        self.times.append(time.perf_counter())
+
+
+def tokens_per_second(info: dict, accumulation: int, warmup: int = 2) -> float:
+    """Training tokens/s of a run from its run_info: all ranks' tokens over rank 0's step times.
+
+    The first `warmup` steps are left out (allocation, compilation, the first gathers), and so
+    is the time between steps that evaluation or checkpointing took.
+    """
+    steps = [r["step_times"] for r in info["ranks"]][0]
+    if len(steps) <= warmup + 1:
+        raise ValueError(f"{len(steps)} steps: too few to time after {warmup} warm-up steps")
+    gaps = [b - a for a, b in zip(steps[warmup:], steps[warmup + 1:])]
+    typical = sorted(gaps)[len(gaps) // 2]
+    kept = [i for i, g in enumerate(gaps, start=warmup + 1) if g < 3 * typical]  # no eval/save
+    tokens = sum(sum(r["tokens"][i * accumulation:(i + 1) * accumulation]) for r in info["ranks"]
+                 for i in kept)
+    return tokens / sum(gaps[i - warmup - 1] for i in kept)
 
 
 class StopAt(TrainerCallback):
@@ -147,15 +186,21 @@ def probe_logits(model, example: dict):
         return ids.cpu(), model(input_ids=ids).logits.float().cpu()
 
 
-def write_run_files(trainer, out: Path, recorder: RecordingCollator, example: dict, info: dict) -> None:
+def write_run_files(trainer, out: Path, recorder: RecordingCollator, clock: StepClock, example: dict,
+                    info: dict) -> None:
     """Gather what each rank saw to rank 0, which writes run_info.json and probe.pt."""
     import torch
     import torch.distributed as dist
 
+    gib = 2**30
+    peak = ({"peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,
+             "peak_reserved_gib": torch.cuda.max_memory_reserved() / gib}
+            if torch.cuda.is_available() else {})
     ids, logits = probe_logits(trainer.model, example)
     mine = {"rank": dist.get_rank() if dist.is_initialized() else 0,
             "process_index": trainer.args.process_index, "world_size": trainer.args.world_size,
-            "should_save": trainer.args.should_save, "batches": recorder.batches}
+            "should_save": trainer.args.should_save, "batches": recorder.batches,
+            "tokens": recorder.tokens, "step_times": clock.times, **peak}
     ranks = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(ranks, mine)
@@ -180,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     # find (or build) the weights before any process group or DeepSpeed config exists: built under
     # either, the smoke model is saved by rank 0 only, or as empty slices. Download the real
     # weights before launching (the notebook does): every rank would fetch them at once.
-    path = models.model_path(tutorial, smoke)
+    path = (models.check_model_dir(Path(args.model_dir)) if args.model_dir
+            else models.model_path(tutorial, smoke))
     group = distributed.setup_process_group()  # gloo without CUDA
     # TrainingArguments before the model: with the DeepSpeed config known, from_pretrained builds
     # the model already partitioned (zero.Init), so no process holds all the weights
@@ -191,11 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     partitioned = all(hasattr(p, "ds_id") for p in model.parameters())  # loaded under zero.Init
     train_ds, eval_ds = load_splits(args, tutorial, tokenizer, smoke, cfg.max_length)
     model = models.add_lora(model, tutorial, cfg)
+    clock = StepClock()
     trainer = training.make_trainer(
         model, tokenizer, train_ds, cfg, out, eval_ds=eval_ds, args=targs,
         compute_metrics=metrics.token_accuracy,
         preprocess_logits_for_metrics=metrics.preprocess_logits_for_metrics,
-        callbacks=[StopAt(args.stop_at_step)] if args.stop_at_step else None)
+        callbacks=[clock] + ([StopAt(args.stop_at_step)] if args.stop_at_step else []))
     recorder = RecordingCollator(trainer.data_collator, train_ds)
     trainer.data_collator = recorder
     resume = args.resume and any(out.glob("checkpoint-*"))
@@ -214,8 +261,10 @@ def main(argv: list[str] | None = None) -> None:
             "best_checkpoint": trainer.state.best_model_checkpoint,
             # what DeepSpeed ran with, and the global batch it derived (micro x accumulation x ranks)
             "deepspeed": used,
-            "train_batch_size": trainer.model_wrapped.train_batch_size()}
-    write_run_files(trainer, out, recorder, eval_ds[0], info)
+            "train_batch_size": trainer.model_wrapped.train_batch_size(),
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "model_dir": str(path)}
+    write_run_files(trainer, out, recorder, clock, eval_ds[0], info)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,28 @@ def probe(zero3_run: Path) -> dict:
     return torch.load(zero3_run / train_zero3.PROBE)
 
 
+def test_tokens_per_second_leaves_out_warmup_and_eval_gaps() -> None:
+    # 7 steps of 1 s (2 micro-batches of 100 tokens each) on 2 ranks, but a 30 s evaluation
+    # before step 5 and a slow start; the first 2 steps are warm-up
+    times = [0.0, 5.0, 6.0, 7.0, 37.0, 38.0, 39.0]
+    info = {"ranks": [{"tokens": [100] * 14, "step_times": times}] * 2}
+    assert train_zero3.tokens_per_second(info, accumulation=2) == pytest.approx(2 * 200 / 1.0)
+    with pytest.raises(ValueError, match="too few"):
+        train_zero3.tokens_per_second({"ranks": [{"tokens": [1] * 3, "step_times": [0, 1, 2]}]}, 1)
+
+
+def test_a_deepspeed_file_of_your_own_is_used(tmp_path: Path) -> None:
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(distributed.deepspeed_config(2)))
+    args = train_zero3.parse_args(["--output", "x", "--deepspeed", str(path), "--stage", "3"])
+    assert train_zero3.deepspeed_plan(args) == (str(path), 2)  # the file's stage, not --stage
+
+
+def test_a_model_dir_that_is_no_model_is_refused_before_any_process_starts(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="no config.json"):
+        train_zero3.main(["--output", str(tmp_path / "out"), "--model-dir", str(tmp_path)])
+
+
 def test_each_rank_trains_on_its_own_batches(run_info: dict) -> None:
     ranks = run_info["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -198,6 +220,16 @@ def test_each_rank_trains_on_its_own_batches(run_info: dict) -> None:
     assert first[0] and first[1] and not first[0] & first[1]
     micro = registry.smoke_config(TUTORIAL).per_device_train_batch_size
     assert run_info["train_batch_size"] == micro * 2  # DeepSpeed counted both ranks
+
+
+def test_each_rank_counts_tokens_and_times_steps(run_info: dict) -> None:
+    accumulation = run_info["gradient_accumulation_steps"]
+    for rank in run_info["ranks"]:
+        assert len(rank["step_times"]) == STEPS
+        # the data loader may fetch one batch ahead, past the last step
+        assert len(rank["tokens"]) == len(rank["batches"]) >= STEPS * accumulation
+        assert min(rank["tokens"]) >= len(rank["batches"][0])  # at least a token an example
+    assert train_zero3.tokens_per_second(run_info, accumulation) > 0
 
 
 def test_only_rank0_writes_model_files(zero3_run: Path, run_info: dict) -> None:
@@ -248,10 +280,12 @@ def test_saved_adapter_is_complete(zero3_run: Path) -> None:
         assert tensor.abs().sum() > 0, f"{key} is all zeros: not trained or not gathered"
 
 
-def test_plain_process_reload_gives_the_trained_logits(zero3_run: Path, probe: dict) -> None:
+def test_plain_process_reload_gives_the_trained_logits(zero3_run: Path, probe: dict,
+                                                        run_info: dict) -> None:
     from selfllm_utils import inference
 
-    model, _ = inference.load_adapter(TUTORIAL, zero3_run / train_zero3.ADAPTER, smoke_mode=True)
+    model, _ = inference.load_adapter(TUTORIAL, zero3_run / train_zero3.ADAPTER, smoke_mode=True,
+                                      base=run_info["model_dir"])  # the folder it trained
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"]).logits
     assert torch.allclose(logits, probe["logits"], atol=TOL)
@@ -280,7 +314,6 @@ def test_merge_in_a_plain_process_answers_the_same(zero3_run: Path, probe: dict,
     assert a.token_ids == b.token_ids
 
 
-@pytest.mark.slow
 def test_resume_with_offload_ends_where_the_uninterrupted_run_does(zero3_run: Path,
                                                                    tmp_path: Path) -> None:
     """Stop after step 4 (as if the job died), resume with --resume: steps 5-8 and the final

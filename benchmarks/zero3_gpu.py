@@ -1,0 +1,199 @@
+"""Tutorial 04 on real GPUs: the course's launch script on the full-size Qwen1.5-14B architecture.
+
+Random weights in the reference shape (`train_speed.build_random_model`), Chat-甄嬛 tokenized by the
+family's stand-in tokenizer, LoRA r=8 on every projection, the course config. Every run is
+`torchrun -m selfllm_utils.train_zero3 --model-dir ...`, the script notebook 04 launches. One JSON
+line per run; run on a machine with 2 GPUs:
+
+    python benchmarks/zero3_gpu.py --data huanhuan.json              # every run, in this order
+    python benchmarks/zero3_gpu.py --data huanhuan.json --only 1gpu,2gpu
+
+- `2gpu`, `1gpu`, `2gpu-offload`, `1gpu-offload`: ZeRO-3 with and without CPU offload of weights
+  and optimizer state: tokens/s (all GPUs), peak memory per GPU, scaling efficiency (2 GPUs
+  against 2 x 1 GPU).
+- `resume`: the `2gpu` run stopped at the middle checkpoint, as if the job died, then `--resume`d:
+  its losses after the stop against the uninterrupted `2gpu` run's, and the saved adapter reloaded
+  in a fresh plain process (no DeepSpeed, one GPU): its logits against the trained model's.
+- `seed-json`: seed 003's own DeepSpeed JSON (DeepSpeed's AdamW, optimizer and weight offload,
+  1e6 buckets; fp16 switched to bf16) on the smoke model: does its offload bug still happen?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from selfllm_utils import registry, train_zero3
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+T = registry.get("qwen1.5")
+STEPS = 10  # optimizer steps of each run; the first 2 are warm-up, not timed
+
+# name: (GPUs, extra arguments of train_zero3)
+RUNS: dict[str, tuple[int, list[str]]] = {
+    "1gpu": (1, []),
+    "2gpu": (2, []),
+    "resume": (2, []),
+    "seed-json": (2, []),
+    "2gpu-offload": (2, ["--offload"]),
+    "1gpu-offload": (1, ["--offload"]),
+}
+
+# Seed 003's deepspeed_config.json, fp16 replaced by bf16 "auto" (the Trainer runs in bf16).
+SEED_DS = {
+    "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {
+        "warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto",
+        "total_num_steps": "auto"}},
+    "zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
+        "contiguous_gradients": True, "allgather_bucket_size": 1e6, "reduce_bucket_size": 1e6,
+        "stage3_prefetch_bucket_size": 1e6, "stage3_param_persistence_threshold": 1e6,
+        "sub_group_size": 1e9, "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
+        "stage3_gather_16bit_weights_on_model_save": True},
+    "gradient_accumulation_steps": "auto", "gradient_clipping": 1.0, "steps_per_print": 1000,
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+    "wall_clock_breakdown": False,
+}
+
+
+def launch(out: Path, gpus: int, args: list[str], env: dict | None = None) -> tuple[int, float]:
+    """One torchrun of train_zero3; its log goes to out.log. Returns (exit code, seconds)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(gpus), "-m", "selfllm_utils.train_zero3", "--tutorial", T.key, "--output", str(out),
+           "--logging-steps", "1", *args]
+    start = time.time()
+    with open(f"{out}.log", "a") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    return code, time.time() - start
+
+
+def losses(out: Path) -> dict[int, float]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def summary(name: str, out: Path, seconds: float) -> dict:
+    """The run's figures from the files train_zero3 wrote."""
+    info = json.loads((out / train_zero3.RUN_INFO).read_text())
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval_accuracy" in h]
+    loss = losses(out)
+    ranks = info["ranks"]
+    return {"run": name, "gpus": len(ranks), "offload": info["offload"], "steps": max(loss),
+            "tokens_per_s": round(train_zero3.tokens_per_second(info, info["gradient_accumulation_steps"])),
+            "tokens_per_step": sum(sum(r["tokens"]) for r in ranks) // max(1, len(ranks[0]["step_times"])),
+            "peak_allocated_gib": [round(r.get("peak_allocated_gib", 0), 2) for r in ranks],
+            "peak_reserved_gib": [round(r.get("peak_reserved_gib", 0), 2) for r in ranks],
+            "first_loss": loss[min(loss)], "last_loss": loss[max(loss)],
+            "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+            "train_batch_size": info["train_batch_size"], "wall_s": round(seconds)}
+
+
+def adapter_check(out: Path, model_dir: Path) -> dict:
+    """In this fresh process, without DeepSpeed: is the saved adapter whole, and does base +
+    adapter give the logits the trained model gave?"""
+    import torch
+    from safetensors.torch import load_file
+
+    from selfllm_utils import inference
+
+    tensors = load_file(str(out / train_zero3.ADAPTER / "adapter_model.safetensors"))
+    probe = torch.load(out / train_zero3.PROBE)
+    model, _ = inference.load_adapter(T, out / train_zero3.ADAPTER, base=model_dir)
+    ids = probe["input_ids"].to(model.device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float().cpu()
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits.float().cpu()
+    return {"adapter_tensors": len(tensors),
+            "empty_tensors": sum(t.numel() == 0 for t in tensors.values()),
+            "lora_B_nonzero": sum(bool(t.abs().sum() > 0) for k, t in tensors.items() if "lora_B" in k),
+            "reload_vs_trained_max_diff": (logits - probe["logits"]).abs().max().item(),
+            "base_vs_trained_max_diff": (base - probe["logits"]).abs().max().item(),
+            "logit_scale": probe["logits"].abs().max().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="Chat-甄嬛 records (huanhuan.json)")
+    parser.add_argument("--work", default="/tmp/zero3-gpu", help="model folder and run outputs")
+    parser.add_argument("--only", help="comma-separated run names (default: all, in order)")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--check-adapter", nargs=2, metavar=("RUN", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--build-model", metavar="DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.check_adapter:
+        print("RESULT " + json.dumps(adapter_check(*map(Path, args.check_adapter))), flush=True)
+        return
+    if args.build_model:
+        from train_speed import build_random_model
+
+        build_random_model(T, Path(args.build_model))
+        return
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    model_dir = work / "qwen1.5-14b-random"  # built in a child: this process never touches a GPU
+    subprocess.run([sys.executable, __file__, "--data", args.data, "--build-model", str(model_dir)],
+                   check=True)
+    print(json.dumps({"model": str(model_dir), "build_s": round(time.time() - start)}), flush=True)
+    steps = str(args.steps)
+    # one evaluation and checkpoint, at the end: the timed steps are training only
+    common = ["--model-dir", str(model_dir), "--data", args.data, "--max-steps", steps,
+              "--eval-steps", steps, "--eval-fraction", "0.02"]
+    env = {"SELFLLM_SMOKE": "0"}
+    done: dict[str, dict] = {}
+    for name in args.only.split(",") if args.only else RUNS:
+        gpus, extra = RUNS[name]
+        out = work / name
+        if name == "seed-json":  # the smoke model: the bug is in the offload code path, not the size
+            path = work / "seed_ds.json"
+            path.write_text(json.dumps(SEED_DS, indent=1))
+            code, secs = launch(out, gpus, ["--deepspeed", str(path), "--max-steps", "4"],
+                                {"SELFLLM_SMOKE": "1"})
+            line = {"run": name, "exit_code": code, "wall_s": round(secs)}
+            if code == 0:
+                line.update({k: summary(name, out, secs)[k] for k in ("first_loss", "last_loss", "steps")})
+        elif name == "resume":
+            half = str(args.steps // 2)
+            code, secs = launch(out, gpus, common + ["--stop-at-step", half], env)
+            if code == 0:
+                code, more = launch(out, gpus, common + ["--resume"], env)
+                secs += more
+            line = {"run": name, "exit_code": code, "wall_s": round(secs)}
+            if code == 0:
+                resumed = losses(out)
+                line["losses_after_resume"] = {s: resumed[s] for s in sorted(resumed) if s > int(half)}
+                if "2gpu" in done:
+                    straight = losses(work / "2gpu")
+                    line["uninterrupted"] = {s: straight[s] for s in line["losses_after_resume"]}
+                check = subprocess.run([sys.executable, __file__, "--data", args.data,
+                                        "--check-adapter", str(out), str(model_dir)],
+                                       capture_output=True, text=True, env={**os.environ, **env})
+                results = [l[7:] for l in check.stdout.splitlines() if l.startswith("RESULT ")]
+                line["fresh_process_reload"] = (json.loads(results[-1]) if results
+                                                else {"error": check.stderr[-800:]})
+        else:
+            code, secs = launch(out, gpus, common + extra, env)
+            line = summary(name, out, secs) if code == 0 else {"run": name, "exit_code": code}
+        if line.get("exit_code"):
+            line["log_tail"] = Path(f"{out}.log").read_text()[-1500:]
+        done[name] = line
+        print(json.dumps(line), flush=True)
+    for two, one in (("2gpu", "1gpu"), ("2gpu-offload", "1gpu-offload")):
+        if "tokens_per_s" in done.get(two, {}) and "tokens_per_s" in done.get(one, {}):
+            print(json.dumps({"scaling_efficiency": f"{two} / (2 x {one})", "value": round(
+                done[two]["tokens_per_s"] / (2 * done[one]["tokens_per_s"]), 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
