@@ -114,10 +114,28 @@ def adapter_check(out: Path, model_dir: Path) -> dict:
         logits = model(input_ids=ids).logits.float().cpu()
         with model.disable_adapter():
             base = model(input_ids=ids).logits.float().cpu()
-    return {"adapter_tensors": len(tensors),
+        # noise floor: the same reloaded model through another attention kernel
+        model.base_model.model.set_attn_implementation("eager")
+        eager = model(input_ids=ids).logits.float().cpu()
+        model.base_model.model.set_attn_implementation("sdpa")
+        # DeepSpeed's bf16 engine casts buffers too: RoPE's inv_freq rounded to bf16?
+        rotary = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+        for m in rotary:
+            m.inv_freq = m.inv_freq.to(torch.bfloat16).float()
+        bf16_rope = model(input_ids=ids).logits.float().cpu()
+    return {"bf16_rope_reload_vs_trained_mean_diff": (bf16_rope - probe["logits"]).abs().mean().item(),
+            "bf16_rope_reload_vs_trained_max_diff": (bf16_rope - probe["logits"]).abs().max().item(),
+            "rotary_modules": len(rotary),
+            "sdpa_vs_eager_mean_diff": (eager - logits).abs().mean().item(),
+            "sdpa_vs_eager_max_diff": (eager - logits).abs().max().item(),
+            "adapter_tensors": len(tensors),
             "empty_tensors": sum(t.numel() == 0 for t in tensors.values()),
             "lora_B_nonzero": sum(bool(t.abs().sum() > 0) for k, t in tensors.items() if "lora_B" in k),
             "reload_vs_trained_max_diff": (logits - probe["logits"]).abs().max().item(),
+            "reload_vs_trained_mean_diff": (logits - probe["logits"]).abs().mean().item(),
+            "base_vs_trained_mean_diff": (base - probe["logits"]).abs().mean().item(),
+            "top1_agree_reload": (logits.argmax(-1) == probe["logits"].argmax(-1)).float().mean().item(),
+            "top1_agree_base": (base.argmax(-1) == probe["logits"].argmax(-1)).float().mean().item(),
             "base_vs_trained_max_diff": (base - probe["logits"]).abs().max().item(),
             "logit_scale": probe["logits"].abs().max().item()}
 
@@ -158,7 +176,9 @@ def main() -> None:
         if name == "seed-json":  # the smoke model: the bug is in the offload code path, not the size
             path = work / "seed_ds.json"
             path.write_text(json.dumps(SEED_DS, indent=1))
-            code, secs = launch(out, gpus, ["--deepspeed", str(path), "--max-steps", "4"],
+            # "auto" warm-up is the Trainer's 0 steps, which WarmupDecayLR now refuses: 1 step
+            code, secs = launch(out, gpus, ["--deepspeed", str(path), "--max-steps", "4",
+                                            "--warmup-steps", os.environ.get("SEED_WARMUP", "1")],
                                 {"SELFLLM_SMOKE": "1"})
             line = {"run": name, "exit_code": code, "wall_s": round(secs)}
             if code == 0:
