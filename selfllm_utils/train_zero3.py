@@ -254,6 +254,8 @@ def write_run_files(trainer, out: Path, recorder: RecordingCollator, clock: Step
 def main(argv: list[str] | None = None) -> None:
     """Train, evaluate, save the adapter, and write the run files (see the module docstring)."""
     args = parse_args(argv)
+    # before anything touches CUDA (the process group does): read once, when the allocator starts
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     smoke = registry.smoke_mode()
     tutorial = registry.get(args.tutorial)
     cfg = run_config(args, smoke)

@@ -28,10 +28,9 @@ CHATML_OVERHEAD_TOKENS = 30
 # from their bf16 matmul rates), not a measurement.
 CONSUMER_SLOWDOWN = 3.5
 WORKSHOP_MINUTES = 10.0
-# tokens/s on one H100 for the recipe each preset uses (README's table, 2026-11-25), except
-# qwen1.5, not measured: Qwen2-7B's figure scaled by parameter count (the registry says so).
-README_TOKENS_PER_S = {"deepseek": 2_346, "glm4": 1_811, "qwen2": 7_604}
-QWEN2_TO_14B = 7.62 / 14.17
+# tokens/s for the recipe each preset uses (README's tables): one H100 (2026-11-25), except
+# qwen1.5: ZeRO-3 with offload on 2 GPUs (two H200s, 2026-11-26; Hopper like the H100).
+README_TOKENS_PER_S = {"deepseek": 2_346, "glm4": 1_811, "qwen2": 7_604, "qwen1.5": 3_025}
 # The knobs a preset may turn: how long it trains, how much a step holds. Never the model, the
 # LoRA targets, the rank or the learning rate: the lesson must stay the same.
 DURATION_FIELDS = {"num_train_epochs", "max_steps", "max_length", "per_device_train_batch_size",
@@ -48,8 +47,7 @@ def _tokens_per_epoch(key: str) -> float:
 
 
 def _tokens_per_s(key: str) -> float:
-    figure = README_TOKENS_PER_S.get(key) or README_TOKENS_PER_S["qwen2"] * QWEN2_TO_14B
-    return figure / CONSUMER_SLOWDOWN
+    return README_TOKENS_PER_S[key] / CONSUMER_SLOWDOWN
 
 
 def test_readme_still_holds_the_figures() -> None:
