@@ -217,9 +217,10 @@ WORKSHOP: dict[str, TrainConfig] = {
     # Unchanged, nothing given up: it trains on the 91-record identity set, not Chat-甄嬛; at
     # most ~60 tokens a record, all its epochs at 7,604 tokens/s take about a minute or less.
     "qwen2": dataclasses.replace(TUTORIALS["qwen2"].config),
-    # 14B on 2 x 24 GB needs ZeRO-3 with --offload: without it each GPU held 30 GiB, with it
-    # 17 GiB (2 x H200, README), at 3,025 tokens/s for the pair: ~5.7 min an epoch on consumer
-    # cards. Gives up 2 epochs and answers over 256 tokens (cut, end token kept): a demo.
+    # 14B on 24 GB cards needs ZeRO-3 with --offload: 16-17 GiB allocated per GPU instead of
+    # 30-41 (README, measured on H200s). One GPU at 1,796 tokens/s: ~9.6 min an epoch on a
+    # consumer card, the edge; two (3,025) ~5.7 min. Gives up 2 epochs and answers over 256
+    # tokens (cut, end token kept): a demo of the method.
     "qwen1.5": dataclasses.replace(TUTORIALS["qwen1.5"].config, num_train_epochs=1, max_length=256),
 }
 
