@@ -154,7 +154,8 @@ def launch(output: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "selfllm_utils.train_zero3", "--tutorial", TUTORIAL.key, "--output", str(output),
            "--max-steps", str(STEPS), "--eval-steps", str(EVAL_STEPS), *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a crash prints every thread's Python stack
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
