@@ -81,7 +81,7 @@ def run_config(args: argparse.Namespace, smoke: bool) -> registry.TrainConfig:
 
 
 def deepspeed_plan(args: argparse.Namespace) -> tuple[dict | str, int]:
-    """(DeepSpeed config for the Trainer, its ZeRO stage): --deepspeed, the launcher's JSON, else built here."""
+    """(DeepSpeed config for the Trainer, its ZeRO stage): --deepspeed, accelerate's JSON, or built."""
     path = args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # accelerate sets it
     if path and path != "none":
         return path, json.loads(Path(path).read_text())["zero_optimization"]["stage"]
@@ -179,43 +179,6 @@ class StopAt(TrainerCallback):
         return control
 
 
-def fp32_rope(model) -> int:
-    """Recompute each RoPE `inv_freq` buffer in fp32; returns how many were rounded to bf16.
-
-    DeepSpeed's bf16 engine casts the whole model, buffers too, so RoPE's frequencies train
-    rounded to bf16 while inference elsewhere computes them in fp32: on the 14B under ZeRO-3 a
-    reloaded adapter's logits were 0.18 apart on average from the trained model's, and exactly
-    equal once inv_freq was rounded alike. Buffers are not partitioned: each rank fixes its own.
-    """
-    import torch
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    fixed = 0
-    for module in model.modules():
-        inv = getattr(module, "inv_freq", None)
-        if not isinstance(inv, torch.Tensor) or inv.dtype == torch.float32:
-            continue
-        kind = getattr(module, "rope_type", "default")
-        init = getattr(module, "compute_default_rope_parameters", None) if kind == "default" else None
-        init = init or ROPE_INIT_FUNCTIONS[kind]  # older transformers keep "default" there
-        fresh = init(module.config)[0].to(device=inv.device, dtype=torch.float32)
-        module.inv_freq = fresh
-        if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
-            module.original_inv_freq = fresh.clone()
-        fixed += 1
-    return fixed
-
-
-class Fp32Rope(TrainerCallback):
-    """Puts RoPE back in fp32 once the Trainer has built the DeepSpeed engine (see `fp32_rope`)."""
-
-    def __init__(self):
-        self.fixed = 0
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.fixed = fp32_rope(model)
-
-
 def probe_logits(model, example: dict):
     """The model's logits on one example; under ZeRO-3 every rank must call this together."""
     import torch
@@ -279,12 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     partitioned = all(hasattr(p, "ds_id") for p in model.parameters())  # loaded under zero.Init
     train_ds, eval_ds = load_splits(args, tutorial, tokenizer, smoke, cfg.max_length)
     model = models.add_lora(model, tutorial, cfg)
-    clock, rope = StepClock(), Fp32Rope()
+    clock = StepClock()
     trainer = training.make_trainer(
         model, tokenizer, train_ds, cfg, out, eval_ds=eval_ds, args=targs,
         compute_metrics=metrics.token_accuracy,
         preprocess_logits_for_metrics=metrics.preprocess_logits_for_metrics,
-        callbacks=[clock, rope] + ([StopAt(args.stop_at_step)] if args.stop_at_step else []))
+        callbacks=[clock] + ([StopAt(args.stop_at_step)] if args.stop_at_step else []))
     recorder = RecordingCollator(trainer.data_collator, train_ds)
     trainer.data_collator = recorder
     resume = args.resume and any(out.glob("checkpoint-*"))
@@ -298,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     info = {"tutorial": tutorial.key, "zero_stage": stage,
             "offload": "offload_optimizer" in used["zero_optimization"],
             "gradient_checkpointing": cfg.gradient_checkpointing, "resumed": resume,
-            "loaded_partitioned": partitioned, "rope_buffers_put_back_to_fp32": rope.fixed,
+            "loaded_partitioned": partitioned,
+            "rope_buffers_put_back_to_fp32": trainer.rope_fix.fixed,  # training.fp32_rope
             "train_examples": len(train_ds), "eval_examples": len(eval_ds),
             "best_checkpoint": trainer.state.best_model_checkpoint,
             # what DeepSpeed ran with, and the global batch it derived (micro x accumulation x ranks)

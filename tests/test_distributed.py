@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfllm_utils import distributed, registry, smoke, train_zero3
+from selfllm_utils import distributed, registry, train_zero3
 
 STEPS, EVAL_STEPS, STOP_AT = 8, 4, 4
 TUTORIAL = registry.get("qwen1.5")
@@ -198,21 +198,6 @@ def test_tokens_per_second_leaves_out_warmup_and_eval_gaps() -> None:
     assert train_zero3.tokens_per_second(info, accumulation=2) == pytest.approx(2 * 200 / 1.0)
     with pytest.raises(ValueError, match="too few"):
         train_zero3.tokens_per_second({"ranks": [{"tokens": [1] * 3, "step_times": [0, 1, 2]}]}, 1)
-
-
-def test_rope_rounded_to_bf16_is_put_back_in_fp32() -> None:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(smoke.model_dir(TUTORIAL))
-    exact = [m.inv_freq.clone() for m in model.modules() if hasattr(m, "inv_freq")]
-    assert exact and train_zero3.fp32_rope(model) == 0  # nothing to do in fp32
-    model.to(torch.bfloat16)  # what DeepSpeed's bf16 engine does to the whole model
-    rounded = [m.inv_freq for m in model.modules() if hasattr(m, "inv_freq")]
-    assert any(not torch.equal(r.float(), e) for r, e in zip(rounded, exact))
-    assert train_zero3.fp32_rope(model) == len(exact)
-    for m, e in zip([m for m in model.modules() if hasattr(m, "inv_freq")], exact):
-        assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, e)
-        assert torch.equal(m.original_inv_freq, e)
 
 
 def test_a_deepspeed_file_of_your_own_is_used(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-from selfllm_utils import data, formatting, models, registry, training
+from selfllm_utils import data, formatting, models, registry, smoke, training
 
 TINY_KEYS = [k for k, t in registry.TUTORIALS.items() if t.smoke.kind == "tiny"]  # llama, glm, qwen2
 KEY = "deepseek"
@@ -167,6 +167,8 @@ def test_trainer_loss_falls_and_curve_is_saved(packing: bool, smoke_models, iden
     assert curve.losses[-1] < curve.losses[0] - MIN_LOSS_DROP
     assert curve.path == tmp_path / training.LOSS_PNG
     assert curve.path.read_bytes()[:4] == PNG_MAGIC
+    assert trainer.rope_fix in trainer.callback_handler.callbacks  # RoPE guard on every run
+    assert trainer.rope_fix.fixed == 0  # fp32 on a CPU: nothing was rounded
 
 
 def test_loss_curve_records_eval_loss(tmp_path) -> None:
@@ -193,3 +195,18 @@ def test_training_args_map_the_config(tmp_path) -> None:
     if not torch.cuda.is_available():
         assert args.bf16 is False and args.use_liger_kernel is False
     assert training.training_args(cfg, tmp_path, learning_rate=0.5).learning_rate == 0.5  # overrides win
+
+
+def test_rope_rounded_to_bf16_is_put_back_in_fp32() -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smoke.model_dir(registry.get("qwen1.5")))
+    exact = [m.inv_freq.clone() for m in model.modules() if hasattr(m, "inv_freq")]
+    assert exact and training.fp32_rope(model) == 0  # nothing to do in fp32
+    model.to(torch.bfloat16)  # what DeepSpeed's bf16 engine does to the whole model
+    rounded = [m.inv_freq for m in model.modules() if hasattr(m, "inv_freq")]
+    assert any(not torch.equal(r.float(), e) for r, e in zip(rounded, exact))
+    assert training.fp32_rope(model) == len(exact)
+    for m, e in zip([m for m in model.modules() if hasattr(m, "inv_freq")], exact):
+        assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, e)
+        assert torch.equal(m.original_inv_freq, e)
