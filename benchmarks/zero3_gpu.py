@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfllm_utils import registry, train_zero3
+from selfllm_utils import registry, train_zero3, training
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -76,17 +76,11 @@ def launch(out: Path, gpus: int, args: list[str], env: dict | None = None) -> tu
     return code, time.time() - start
 
 
-def losses(out: Path) -> dict[int, float]:
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    return {h["step"]: h["loss"] for h in history if "loss" in h}
-
-
 def summary(name: str, out: Path, seconds: float) -> dict:
     """The run's figures from the files train_zero3 wrote."""
     info = json.loads((out / train_zero3.RUN_INFO).read_text())
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    evals = [h for h in history if "eval_accuracy" in h]
-    loss = losses(out)
+    accuracy = training.logged(out, "eval_accuracy")
+    loss = training.logged(out)
     ranks = info["ranks"]
     return {"run": name, "gpus": len(ranks), "offload": info["offload"], "steps": max(loss),
             "tokens_per_s": round(train_zero3.tokens_per_second(info, info["gradient_accumulation_steps"])),
@@ -94,7 +88,7 @@ def summary(name: str, out: Path, seconds: float) -> dict:
             "peak_allocated_gib": [round(r.get("peak_allocated_gib", 0), 2) for r in ranks],
             "peak_reserved_gib": [round(r.get("peak_reserved_gib", 0), 2) for r in ranks],
             "first_loss": loss[min(loss)], "last_loss": loss[max(loss)],
-            "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+            "eval_accuracy": accuracy[max(accuracy)] if accuracy else None,
             "train_batch_size": info["train_batch_size"], "wall_s": round(seconds)}
 
 
@@ -191,10 +185,10 @@ def main() -> None:
                 secs += more
             line = {"run": name, "exit_code": code, "wall_s": round(secs)}
             if code == 0:
-                resumed = losses(out)
+                resumed = training.logged(out)
                 line["losses_after_resume"] = {s: resumed[s] for s in sorted(resumed) if s > int(half)}
                 if "2gpu" in done:
-                    straight = losses(work / "2gpu")
+                    straight = training.logged(work / "2gpu")
                     line["uninterrupted"] = {s: straight[s] for s in line["losses_after_resume"]}
                 check = subprocess.run([sys.executable, __file__, "--data", args.data,
                                         "--check-adapter", str(out), str(model_dir)],

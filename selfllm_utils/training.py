@@ -196,6 +196,15 @@ def _in_notebook() -> bool:
         return False
 
 
+def logged(run_dir: str | Path, key: str = "loss") -> dict[int, float]:
+    """One logged value by step ("loss", "eval_loss", "eval_accuracy"...), read from the
+    trainer_state.json the Trainer writes into a run folder (all ranks done, or another process)."""
+    import json
+
+    history = json.loads((Path(run_dir) / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h[key] for h in history if key in h}
+
+
 def fp32_rope(model) -> int:
     """Recompute each RoPE `inv_freq` buffer in fp32; returns how many were rounded to bf16.
 

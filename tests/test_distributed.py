@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfllm_utils import distributed, registry, train_zero3
+from selfllm_utils import distributed, registry, train_zero3, training
 
 STEPS, EVAL_STEPS, STOP_AT = 8, 4, 4
 TUTORIAL = registry.get("qwen1.5")
@@ -160,11 +160,6 @@ def launch(output: Path, *extra: str) -> subprocess.CompletedProcess:
     return done
 
 
-def losses(output: Path) -> dict[int, float]:
-    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
-    return {h["step"]: h["loss"] for h in history if "loss" in h}
-
-
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -254,12 +249,10 @@ def test_weights_loaded_partitioned_and_config_resolved(run_info: dict) -> None:
 
 def test_loss_falls_with_gradient_checkpointing(zero3_run: Path, run_info: dict) -> None:
     assert run_info["gradient_checkpointing"]
-    curve = losses(zero3_run)
+    curve = training.logged(zero3_run)
     assert sorted(curve) == list(range(1, STEPS + 1))
     assert curve[STEPS] < curve[1] - 0.2
-    history = json.loads((zero3_run / "trainer_state.json").read_text())["log_history"]
-    accuracy = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
-    assert len(accuracy) == STEPS // EVAL_STEPS
+    assert len(training.logged(zero3_run, "eval_accuracy")) == STEPS // EVAL_STEPS
     assert run_info["best_checkpoint"].endswith(tuple(f"checkpoint-{s}" for s in (4, 8)))
 
 
@@ -321,11 +314,11 @@ def test_resume_with_offload_ends_where_the_uninterrupted_run_does(zero3_run: Pa
     weights equal the uninterrupted run's (LlamaFactory#1226: resume under ZeRO-3 + offload)."""
     out = tmp_path / "interrupted"
     first = launch(out, "--offload", "--stop-at-step", str(STOP_AT))
-    assert sorted(losses(out)) == list(range(1, STOP_AT + 1)), first.stderr[-3000:]
+    assert sorted(training.logged(out)) == list(range(1, STOP_AT + 1)), first.stderr[-3000:]
     launch(out, "--offload", "--resume")
     info = json.loads((out / train_zero3.RUN_INFO).read_text())
     assert info["resumed"] and info["offload"]
-    resumed, straight = losses(out), losses(zero3_run)
+    resumed, straight = training.logged(out), training.logged(zero3_run)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(STOP_AT + 1, STEPS + 1):
         assert resumed[step] == pytest.approx(straight[step], abs=TOL), step
