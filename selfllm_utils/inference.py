@@ -108,8 +108,7 @@ def load_adapter(tutorial: Tutorial, path: str | Path, quant: str = "bf16",
     from peft import PeftModel
     from transformers import GenerationConfig
 
-    model, tokenizer = models.load_model(tutorial, quant=quant, smoke_mode=smoke_mode,
-                                         path=models.check_model_dir(Path(base)) if base else None)
+    model, tokenizer = models.load_model(tutorial, quant=quant, smoke_mode=smoke_mode, path=base)
     model = PeftModel.from_pretrained(model, str(path))
     if (Path(path) / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(str(path))

@@ -95,14 +95,15 @@ def load_model(tutorial: Tutorial, quant: str = "bf16", smoke_mode: bool | None 
 
     The model's generation config gets the family's stop tokens, so `generate` and anything
     saved from this model stop at the end of a turn. Under a distributed launcher (DeepSpeed)
-    no device_map is set: the engine places the weights.
+    no device_map is set: the engine places the weights. `path`, a local model folder, is
+    checked first (`check_model_dir`); without it, the download or the smoke stand-in.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     if quant not in ("bf16", "4bit"):
         raise ValueError(f"quant must be 'bf16' or '4bit', got {quant!r}")
-    path = path or model_path(tutorial, smoke_mode)
+    path = check_model_dir(Path(path)) if path else model_path(tutorial, smoke_mode)
     tokenizer = load_tokenizer(path, tutorial.family)
     cuda = torch.cuda.is_available()
     # grow memory segments instead of caching fixed blocks: reserved stays near allocated

@@ -185,3 +185,8 @@ def test_add_lora_without_checkpointing(smoke_models) -> None:
     assert set(peft_model.peft_config["default"].target_modules) == set(tutorial.lora_targets)
     _train_step(peft_model, tokenizer)
     _check_lora_grads(peft_model)
+
+
+def test_a_local_folder_that_is_no_model_is_refused_in_a_sentence(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="no config.json"):
+        models.load_model(registry.get(KEY), path=tmp_path)
