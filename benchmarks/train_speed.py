@@ -36,19 +36,32 @@ R = registry
 QWEN2 = R.get("qwen2")
 DEEPSEEK = R.get("deepseek")
 GLM4 = R.get("glm4")
-FAST = dataclasses.replace(QWEN2.config, gradient_checkpointing=False, per_device_train_batch_size=48)
+# an 80 GB card: no checkpointing, 128 sequences (~10k tokens) a step, 63 GiB at peak
+FAST = dataclasses.replace(QWEN2.config, gradient_checkpointing=False, per_device_train_batch_size=128)
+R_ = dataclasses.replace
 CONFIGS: dict[str, tuple] = {
     "qwen2-seed": ("qwen2", "bf16", QWEN2.seed_config, {}),
     "qwen2-course-24g": ("qwen2", "bf16", QWEN2.config, {"cap_gib": 24, "steps": 30, "chat": True}),
     "qwen2-course": ("qwen2", "bf16", FAST, {}),
-    "qwen2-trl-best": ("qwen2", "bf16", FAST, {"trl": True, "pack_tokens": 4096}),
+    # TRL's SFTTrainer at its two best packed lengths measured here (which one wins moves between runs)
+    "qwen2-trl-4096": ("qwen2", "bf16", FAST, {"trl": True, "pack_tokens": 4096}),
+    "qwen2-trl-8192": ("qwen2", "bf16", FAST, {"trl": True, "pack_tokens": 8192}),
     "deepseek-qlora-seed": ("deepseek", "4bit", DEEPSEEK.seed_config, {}),
     "deepseek-qlora-course": ("deepseek", "4bit", DEEPSEEK.config, {}),
-    "deepseek-qlora-course-b12": ("deepseek", "4bit",
-                                  dataclasses.replace(DEEPSEEK.config, per_device_train_batch_size=12), {}),
-    "deepseek-bf16-seed": ("deepseek", "bf16", dataclasses.replace(DEEPSEEK.seed_config, optim="adamw_torch"), {}),
+    "deepseek-bf16-seed": ("deepseek", "bf16", R_(DEEPSEEK.seed_config, optim="adamw_torch"), {}),
     "deepseek-bf16-course": ("deepseek", "bf16", R.COURSE, {"cap_gib": 24}),
     "glm4-course-24g": ("glm4", "bf16", GLM4.config, {"cap_gib": 24}),
+    # neighbours of the defaults, measured side by side before a registry default changes
+    **{f"qwen2-course-b{n}": ("qwen2", "bf16", R_(FAST, per_device_train_batch_size=n), {}) for n in (48, 96)},
+    "qwen2-course-24g-cpuemb-b96": ("qwen2", "bf16", R_(QWEN2.config, per_device_train_batch_size=96,
+                                                        embeddings_on_cpu=True), {"cap_gib": 24}),
+    "deepseek-qlora-b12": ("deepseek", "4bit", R_(DEEPSEEK.config, per_device_train_batch_size=12,
+                                                  embeddings_on_cpu=False), {}),  # the old default
+    **{f"deepseek-qlora-cpuemb-b{n}": ("deepseek", "4bit", R_(DEEPSEEK.config, per_device_train_batch_size=n), {})
+       for n in (24, 40)},
+    "glm4-course-24g-b16": ("glm4", "bf16", R_(GLM4.config, per_device_train_batch_size=16,
+                                               embeddings_on_cpu=False), {"cap_gib": 24}),  # the old default
+    "glm4-course-24g-cpuemb-b32": ("glm4", "bf16", R_(GLM4.config, per_device_train_batch_size=32), {"cap_gib": 24}),
 }
 
 
@@ -156,6 +169,39 @@ class StepTimer:
         steady = self.times[self.warmup:]
         return sum(n for _, n in steady) / sum(t for t, _ in steady)
 
+    def tokens_per_step(self) -> float:
+        steady = self.times[self.warmup:]
+        return sum(n for _, n in steady) / len(steady)
+
+
+def profiled(steps: range, out: Path):
+    """Trainer callback: torch.profiler over `steps`, the kernel table written to `out`."""
+    import torch
+    from transformers import TrainerCallback
+
+    class CB(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == steps.start:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and state.global_step == steps.stop:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - self.t0
+                self.prof.__exit__(None, None, None)
+                events = self.prof.key_averages()
+                gpu = sum(e.self_device_time_total for e in events) / 1e6
+                out.write_text(f"wall {wall:.3f} s for {len(steps)} steps, GPU kernels {gpu:.3f} s\n"
+                               + events.table(sort_by="self_device_time_total", row_limit=25))
+                self.prof = None
+
+    return CB()
+
 
 def counting(collate, counts: list[int]):
     """Wrap a collator to count the real tokens of every micro-batch it builds."""
@@ -196,6 +242,8 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     trainer.data_collator = counting(trainer.data_collator, counts)
     if opts.get("trl"):
         trainer.add_callback(timer.callback)
+    if os.environ.get("SELFLLM_PROFILE"):  # kernel table of steps 2-3, inside the untimed warm-up
+        trainer.add_callback(profiled(range(1, 3), Path(os.environ["SELFLLM_PROFILE"]) / f"{name}.txt"))
     trainer.train()
     tps = timer.tokens_per_s()
     extra = {}
@@ -216,14 +264,17 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "mfu": round(4 * n_params * tps / (tflops * 1e12), 4), "matmul_tflops": round(tflops),
         "loss_last5": round(sum(timer.losses[-5:]) / len(timer.losses[-5:]), 4),
-        "steps": steps, "seqs_per_step": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+        "steps": steps, "tokens_per_step": round(timer.tokens_per_step()),
+        "seqs_per_step": None if opts.get("trl") else cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
         "packing": cfg.packing, "checkpointing": cfg.gradient_checkpointing, "liger": cfg.use_liger,
-        "optim": cfg.optim, "cap_gib": opts.get("cap_gib"), **extra,
+        "optim": cfg.optim, "cap_gib": opts.get("cap_gib"), "embeddings_on_cpu": cfg.embeddings_on_cpu,
+        "pack_tokens": opts.get("pack_tokens"), **extra,
     }
 
 
 def trl_trainer(model, tokenizer, ds, tutorial, cfg, opts, out):
-    """TRL's SFTTrainer at its best settings measured here: best-fit packing, padding-free, Liger."""
+    """TRL's SFTTrainer at its best settings measured here: best-fit packing, padding-free, Liger,
+    no checkpointing; its own peft LoRA (so none of the course's training-time changes)."""
     from trl import SFTConfig, SFTTrainer
 
     from selfllm_utils import models

@@ -65,7 +65,8 @@ def fit_report(memory_gib: float | None) -> dict[str, str]:
         quant = "4bit" if t.key == "deepseek" else "bf16"  # notebook 01's default path
         cfg = t.config
         est = memory.estimate_memory(t, quant=quant, optimizer=cfg.optim, liger=cfg.use_liger,
-                                     gradient_checkpointing=cfg.gradient_checkpointing)
+                                     gradient_checkpointing=cfg.gradient_checkpointing,
+                                     embeddings_on_cpu=cfg.embeddings_on_cpu)
         if memory_gib is None:
             report[t.key] = f"no GPU: smoke mode only (the real recipe needs ~{est.total_gib:.0f} GiB, {quant})"
         else:

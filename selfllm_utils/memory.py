@@ -174,7 +174,7 @@ class MemoryEstimate:
 def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens: int | None = None,
                     lora_r: int = 8, gradient_checkpointing: bool = True, optimizer: str = "adamw",
                     zero_stage: int = 0, num_gpus: int = 1, offload: bool = False,
-                    liger: bool = False) -> MemoryEstimate:
+                    liger: bool = False, embeddings_on_cpu: bool = False) -> MemoryEstimate:
     """Estimate the peak GPU memory of LoRA training per GPU; the formula is in the module docstring.
 
     Args:
@@ -191,6 +191,8 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
         offload: Move optimizer states (and, at stage 3, parameters) to CPU RAM.
         liger: Liger's fused linear + cross-entropy loss (GPU only), which never builds the
             full logits tensor (`TrainConfig.use_liger`).
+        embeddings_on_cpu: The input embedding table lives in CPU memory
+            (`TrainConfig.embeddings_on_cpu`, `models.embeddings_to_cpu`); tied tables stay.
 
     Returns:
         A MemoryEstimate; print it for a table.
@@ -217,6 +219,8 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
         weights = linear * NF4_BYTES + other * 2  # embeddings, lm_head bf16 (norms fp32: tiny)
     else:
         weights = (linear + other) * 2
+    if embeddings_on_cpu and not ref.get("tie_word_embeddings"):
+        weights -= ref["vocab_size"] * ref["hidden_size"] * 2  # the bf16 table, off the GPU
     n_lora = lora_param_count(t, lora_r)
     params, grads = n_lora * 4.0, n_lora * 4.0
     states = n_lora * OPTIMIZER_STATE_BYTES[optimizer]
@@ -233,7 +237,8 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
     setting = (f"{t.key}, {quant}, {tokens:,} tokens a batch, LoRA r={lora_r}, "
                f"{'checkpointing' if gradient_checkpointing else 'no checkpointing'}, {optimizer}"
                + (f", ZeRO-{zero_stage} on {num_gpus} GPU(s)" if zero_stage else "")
-               + (", offload" if offload else "") + (", Liger loss" if liger else ""))
+               + (", offload" if offload else "") + (", Liger loss" if liger else "")
+               + (", embeddings on CPU" if embeddings_on_cpu else ""))
     return MemoryEstimate(setting, weights / GIB, (params + grads) / GIB, states / GIB,
                           activations / GIB, logits / GIB, OVERHEAD_GIB, n_lora)
 

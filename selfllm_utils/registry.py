@@ -86,6 +86,7 @@ class TrainConfig:
     warmup_steps: int = 0
     seed: int = 42
     use_liger: bool = False  # Liger's fused Triton kernels (GPU only): no full logits tensor
+    embeddings_on_cpu: bool = False  # frozen input embeddings looked up on the CPU: frees their GPU memory
 
 
 # The seeds' own settings (../shared/seeds): kept so a benchmark can run them side by side.
@@ -146,9 +147,10 @@ TUTORIALS: dict[str, Tutorial] = {
             FAMILIES["deepseek"], LLAMA_LIKE_TARGETS, HUANHUAN_SYSTEM,
             TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=2,
                         lora_dropout=0.1, optim="paged_adamw_32bit"),
-            # ~1k tokens a step keeps 4-bit DeepSeek-7B at 5.46 GiB reserved (H100 run, README):
-            # a 6 GB card. 16 sequences ran 45% faster at 5.67 GiB, for 8 GB cards.
-            dataclasses.replace(COURSE, optim="paged_adamw_32bit", per_device_train_batch_size=12),
+            # with the embedding table in CPU memory, 32 sequences (~2.6k tokens) a step keep
+            # 4-bit DeepSeek-7B at 5.42 GiB reserved (H100 run, README): a 6 GB card
+            dataclasses.replace(COURSE, optim="paged_adamw_32bit", per_device_train_batch_size=32,
+                                embeddings_on_cpu=True),
             SmokeModel("tiny", "llama", TINY), 6.91,
             {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
              "num_hidden_layers": 30, "num_attention_heads": 32, "num_key_value_heads": 32,
@@ -161,8 +163,9 @@ TUTORIALS: dict[str, Tutorial] = {
             FAMILIES["glm4"], GLM_TARGETS, "假设你是皇帝身边的女人--甄嬛。",
             TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=8,
                         learning_rate=1e-5, num_train_epochs=2, logging_steps=50, lora_dropout=0.1),
-            # 9.4 B bf16 weights take 18.8 GB: ~1.3k tokens a step is what is left on 24 GB
-            dataclasses.replace(COURSE, per_device_train_batch_size=16),
+            # 9.4 B bf16 weights take 18.8 GB; with the 1.2 GB embedding table in CPU memory, 24
+            # sequences (~2k tokens) a step peak at 22.1 GiB reserved under a 24 GiB cap (README)
+            dataclasses.replace(COURSE, per_device_train_batch_size=24, embeddings_on_cpu=True),
             SmokeModel("tiny", "glm", TINY), 9.40,
             {"model_type": "glm", "hidden_size": 4096, "intermediate_size": 13696,
              "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 2,
@@ -207,15 +210,13 @@ TUTORIALS: dict[str, Tutorial] = {
 # / 3.5), assuming an RTX 3090/4090 runs 3-4x slower than an H100 (not measured here); tested in
 # tests/test_workshop.py. Switch in a notebook with `cfg = registry.WORKSHOP[T.key]`.
 WORKSHOP: dict[str, TrainConfig] = {
-    # 24 sequences a step (measured 2,346 tokens/s, 5.9 GiB reserved) and 1 epoch instead of 3:
-    # ~7.4 min. Gives up two passes over the data: the style shows, fewer exact phrases stick.
-    "deepseek": dataclasses.replace(TUTORIALS["deepseek"].config, per_device_train_batch_size=24,
-                                    num_train_epochs=1),
-    # 1 epoch instead of 3 at the measured 1,811 tokens/s: ~9.6 min, the edge of the budget;
-    # gives up two passes (a weaker 甄嬛 voice). Over time on a slow card: set max_steps.
-    "glm4": dataclasses.replace(TUTORIALS["glm4"].config, num_train_epochs=1),
+    # 2 epochs instead of 3 at the measured 5,483 tokens/s: ~6.3 min (3 would be ~9.5, too close
+    # to the budget on a card slower than assumed). Gives up one pass over the data.
+    "deepseek": dataclasses.replace(TUTORIALS["deepseek"].config, num_train_epochs=2),
+    # 2 epochs instead of 3 at the measured 4,535 tokens/s: ~7.6 min. Gives up one pass.
+    "glm4": dataclasses.replace(TUTORIALS["glm4"].config, num_train_epochs=2),
     # Unchanged, nothing given up: it trains on the 91-record identity set, not Chat-甄嬛; at
-    # most ~60 tokens a record, all its epochs at 7,604 tokens/s take about a minute or less.
+    # most ~60 tokens a record, all its epochs at 9,743 tokens/s take about a minute or less.
     "qwen2": dataclasses.replace(TUTORIALS["qwen2"].config),
     # 14B on 24 GB cards needs ZeRO-3 with --offload: 16-17 GiB allocated per GPU instead of
     # 30-41 (README, measured on H200s). One GPU at 1,796 tokens/s: ~9.6 min an epoch on a

@@ -88,6 +88,27 @@ def test_liger_estimate_is_safe(quant: str, tokens: int, ckpt: bool, peak: float
     assert allocated < peak * 1.12 or not ckpt
 
 
+# benchmarks/train_speed.py on one H100 (2026-11-26): 4-bit DeepSeek-7B, the course's QLoRA recipe
+# (Liger, checkpointing, paged AdamW) with the embedding table on the CPU, packed batches of n
+# Chat-甄嬛-length sequences (82 tokens on average), peak allocated over 15 steps: (n, peak GiB)
+MEASURED_CPU_EMBEDDINGS = [(24, 4.88), (32, 5.16), (40, 5.46)]
+
+
+@pytest.mark.parametrize(("seqs", "peak"), MEASURED_CPU_EMBEDDINGS)
+def test_cpu_embeddings_estimate_is_safe(seqs: int, peak: float) -> None:
+    est = memory.estimate_memory("deepseek", "4bit", seqs * 82, optimizer="paged_adamw_32bit",
+                                 liger=True, embeddings_on_cpu=True)
+    allocated = est.total_gib - est.overhead_gib
+    assert peak - 0.1 < allocated < peak * 1.12
+
+
+def test_cpu_embeddings_take_the_table_off_the_gpu() -> None:
+    on_gpu, on_cpu = (memory.estimate_memory("deepseek", "4bit", 1024, embeddings_on_cpu=c) for c in (False, True))
+    ref = registry.get("deepseek").reference_config
+    assert on_gpu.weights_gib - on_cpu.weights_gib == pytest.approx(ref["vocab_size"] * ref["hidden_size"] * 2 / 2**30)
+    assert "embeddings on CPU" in on_cpu.setting
+
+
 def test_4bit_weights_match_the_loaded_model() -> None:
     """nf4 + double quantisation for the linears, bf16 embeddings and lm_head (models.prepare_4bit)."""
     est = memory.estimate_memory("deepseek", "4bit", 1024)

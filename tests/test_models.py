@@ -187,6 +187,41 @@ def test_add_lora_without_checkpointing(smoke_models) -> None:
     _check_lora_grads(peft_model)
 
 
+@pytest.mark.parametrize("quant", ["bf16", "4bit"])
+def test_embeddings_on_cpu_answer_alike_and_train(smoke_models, quant: str) -> None:
+    """The table moves to a CPU lookup outside the parameters; logits and LoRA training are unchanged."""
+    import dataclasses
+
+    tutorial = registry.get(KEY)
+    cfg = dataclasses.replace(registry.smoke_config(tutorial), embeddings_on_cpu=True)
+    model, tokenizer = smoke_models.model(KEY, quant=quant)
+    ids = _batch(tokenizer)["input_ids"]
+    original = model.get_input_embeddings()
+    with torch.no_grad():
+        rows = original(ids)
+    peft_model = models.add_lora(model, tutorial, cfg)
+    lookup = peft_model.get_input_embeddings()
+    assert isinstance(lookup, models.CpuEmbedding)
+    assert torch.equal(lookup.weight, original.weight.detach().cpu())
+    assert torch.equal(lookup(ids), rows)
+    assert not any("embed_tokens" in name for name, _ in peft_model.named_parameters())
+    lookup.to("meta")  # what model.to(...) does to it: nothing, the table is no parameter or buffer
+    assert lookup.weight.device.type == "cpu"
+    assert models.embeddings_to_cpu(peft_model) == 0  # already moved
+    _train_step(peft_model, tokenizer)  # with checkpointing: the lookup's output still gets grad
+    _check_lora_grads(peft_model)
+
+
+def test_tied_embeddings_stay_where_lm_head_is() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=64, tie_word_embeddings=True, **registry.TINY)
+    model = AutoModelForCausalLM.from_config(config)
+    table = model.get_input_embeddings()
+    assert models.embeddings_to_cpu(model) == 0
+    assert model.get_input_embeddings() is table
+
+
 def test_a_local_folder_that_is_no_model_is_refused_in_a_sentence(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="no config.json"):
         models.load_model(registry.get(KEY), path=tmp_path)

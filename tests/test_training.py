@@ -210,3 +210,63 @@ def test_rope_rounded_to_bf16_is_put_back_in_fp32() -> None:
     for m, e in zip([m for m in model.modules() if hasattr(m, "inv_freq")], exact):
         assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, e)
         assert torch.equal(m.original_inv_freq, e)
+
+
+def _random_lora(smoke_models, dtype):
+    tutorial = registry.get(KEY)
+    model, tokenizer = smoke_models.model(KEY)
+    peft_model = models.add_lora(model.to(dtype), tutorial, registry.smoke_config(tutorial))
+    torch.manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:  # B starts at zero; random B makes the adapter's share visible
+            p.data = torch.randn_like(p, dtype=torch.float32) * 0.1
+    ids = torch.tensor([tokenizer("请介绍一下你自己。我是不要葱姜蒜。")["input_ids"]])
+    return peft_model, ids
+
+
+def _logits_and_grads(model, ids, autocast: bool):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids).logits
+    logits.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_fast_lora_forward_matches_peft(smoke_models, dtype) -> None:
+    """The fused training forward gives peft's logits and LoRA gradients, and is undone after."""
+    peft_model, ids = _random_lora(smoke_models, dtype)
+    autocast = dtype == torch.bfloat16  # fp32 LoRA weights next to a bf16 base, as the Trainer runs it
+    ref_logits, ref_grads = _logits_and_grads(peft_model, ids, autocast)
+    fast = training.FastLora()
+    fast.on_train_begin(None, None, None, model=peft_model)
+    tutorial = registry.get(KEY)
+    assert len(fast.layers) == len(tutorial.lora_targets) * peft_model.config.num_hidden_layers
+    logits, grads = _logits_and_grads(peft_model, ids, autocast)
+    # bf16: peft rounds B(A x), then the sum; addmm rounds once, so the two differ by bf16
+    # rounding (both are ~0.3% of the largest logit from fp32 on average, measured)
+    scale = ref_logits.abs().max().item()
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": scale / 32}
+    torch.testing.assert_close(logits, ref_logits, **tol)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        scale = ref_grads[name].abs().max().item() or 1.0
+        torch.testing.assert_close(grads[name] / scale, ref_grads[name] / scale,
+                                   **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32
+                                      else {"rtol": 0, "atol": 0.05}))
+    with peft_model.disable_adapter(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                                         enabled=autocast):
+        base = peft_model(input_ids=ids).logits
+    # the adapter was really skipped, and its share is far beyond the tolerance above
+    assert (base.float() - ref_logits.float()).abs().max() > 4 * tol["atol"]
+    fast.on_train_end(None, None, None)
+    assert not any("forward" in vars(layer) for layer in fast.layers or peft_model.modules())
+    torch.testing.assert_close(_logits_and_grads(peft_model, ids, autocast)[0], ref_logits)
+
+
+def test_fast_lora_leaves_zero3_partitioned_layers_to_peft(smoke_models) -> None:
+    peft_model, _ = _random_lora(smoke_models, torch.float32)
+    layer = next(m for m in peft_model.modules() if training.FastLora.applies(m))
+    layer.lora_B["default"].weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned weight
+    assert not training.FastLora.applies(layer)
