@@ -51,6 +51,14 @@ CONFIGS: dict[str, tuple] = {
     "deepseek-bf16-seed": ("deepseek", "bf16", R_(DEEPSEEK.seed_config, optim="adamw_torch"), {}),
     "deepseek-bf16-course": ("deepseek", "bf16", R.COURSE, {"cap_gib": 24}),
     "glm4-course-24g": ("glm4", "bf16", GLM4.config, {"cap_gib": 24}),
+    # quality: the seed's batching vs the course's path on the same sequences per step with the same
+    # hyper-parameters (16 a step, lr 1e-4, no dropout): the per-step losses should agree
+    "qwen2-seed-same": ("qwen2", "bf16", R_(QWEN2.seed_config, lora_dropout=0.0), {}),
+    "qwen2-course-same": ("qwen2", "bf16", R_(QWEN2.config, per_device_train_batch_size=16, learning_rate=1e-4,
+                                              optim="adamw_torch"), {}),
+    "deepseek-qlora-seed-same": ("deepseek", "4bit", R_(DEEPSEEK.seed_config, lora_dropout=0.0), {}),
+    "deepseek-qlora-course-same": ("deepseek", "4bit", R_(DEEPSEEK.config, per_device_train_batch_size=16,
+                                                          learning_rate=1e-4), {}),
     # neighbours of the defaults, measured side by side before a registry default changes
     **{f"qwen2-course-b{n}": ("qwen2", "bf16", R_(FAST, per_device_train_batch_size=n), {}) for n in (48, 96)},
     "qwen2-course-24g-cpuemb-b96": ("qwen2", "bf16", R_(QWEN2.config, per_device_train_batch_size=96,
@@ -264,6 +272,7 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "mfu": round(4 * n_params * tps / (tflops * 1e12), 4), "matmul_tflops": round(tflops),
         "loss_last5": round(sum(timer.losses[-5:]) / len(timer.losses[-5:]), 4),
+        "losses": [round(x, 4) for x in timer.losses],
         "steps": steps, "tokens_per_step": round(timer.tokens_per_step()),
         "seqs_per_step": None if opts.get("trl") else cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
         "packing": cfg.packing, "checkpointing": cfg.gradient_checkpointing, "liger": cfg.use_liger,
@@ -333,6 +342,7 @@ def main() -> None:
     tflops = matmul_tflops()
     print(json.dumps(check_varlen()), flush=True)
     names = args.only.split(",") if args.only else list(CONFIGS)
+    losses: dict[str, list[float]] = {}
     for name in names:
         cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),
                "--tflops", str(tflops), "--workdir", args.workdir]
@@ -341,12 +351,24 @@ def main() -> None:
         lines = [l[7:] for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if lines:
             print(lines[-1], flush=True)
+            losses[name] = json.loads(lines[-1])["losses"]
         else:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             print(json.dumps({"config": name, "error": " | ".join(tail)[-600:]}), flush=True)
         key = CONFIGS[name][0]
         if all(CONFIGS[n][0] != key for n in names[names.index(name) + 1:]):
             shutil.rmtree(Path(args.workdir) / key, ignore_errors=True)  # a 7-9B folder is 15-19 GB
+    for seed in [n for n in losses if n.endswith("-seed-same")]:
+        course = seed.replace("-seed-same", "-course-same")
+        if course in losses:
+            print(json.dumps(same_data_check(seed, course, losses[seed], losses[course])), flush=True)
+
+
+def same_data_check(seed: str, course: str, a: list[float], b: list[float]) -> dict:
+    """Quality: per-step losses of the seed's batching and the course's path on the same data."""
+    diffs = [abs(x - y) for x, y in zip(a, b)]
+    return {"check": "same_data_losses", "seed": seed, "course": course, "steps": len(diffs),
+            "max_abs_diff": round(max(diffs), 4), "mean_abs_diff": round(sum(diffs) / len(diffs), 4)}
 
 
 if __name__ == "__main__":
