@@ -117,9 +117,24 @@ def load_model(tutorial: Tutorial, quant: str = "bf16", smoke_mode: bool | None 
     if quant == "4bit":
         kwargs["quantization_config"] = _quantization(dtype)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quant == "4bit" and not cuda:
+        _keep_4bit_trainable_on_cpu(model)
     model.generation_config.eos_token_id = stop_ids(tokenizer, tutorial.family)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _keep_4bit_trainable_on_cpu(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference (smoke mode).
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a layer's weights on its first no-grad
+    eval forward (the "before" answer a notebook generates), and the repacked path has no
+    backward: LoRA layers trained afterwards got no gradient through the base weights, silently
+    (tests/test_models.py). Keeping the training layout costs the tiny stand-ins nothing.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(tutorial: Tutorial, cfg: TrainConfig):

@@ -173,6 +173,22 @@ def test_add_lora_trains_with_gradient_checkpointing(smoke_models, quant: str) -
     _check_lora_grads(peft_model)
 
 
+@pytest.mark.parametrize("quant", ["bf16", "4bit"])
+def test_lora_trains_after_the_model_answered_once(smoke_models, quant: str) -> None:
+    """A notebook lets the base model answer before LoRA: every adapter must still get gradient.
+
+    bitsandbytes repacks 4-bit weights on a CPU's first no-grad forward into a layout with no
+    backward; models.load_model keeps the training layout (`_keep_4bit_trainable_on_cpu`).
+    """
+    tutorial = registry.get(KEY)
+    model, tokenizer = smoke_models.model(KEY, quant=quant)
+    with torch.no_grad():
+        model(**_batch(tokenizer))
+    peft_model = models.add_lora(model, tutorial, registry.smoke_config(tutorial))
+    _train_step(peft_model, tokenizer)
+    _check_lora_grads(peft_model)
+
+
 def test_add_lora_without_checkpointing(smoke_models) -> None:
     import dataclasses
 
