@@ -73,6 +73,9 @@ CONFIGS: dict[str, tuple] = {
 }
 
 
+WARMUP_STEPS = 3  # not timed: allocation, Triton autotuning, the first optimizer step
+
+
 def matmul_tflops() -> float:
     """bf16 8192^3 matrix product rate on this GPU: the bound MFU is measured against."""
     import torch
@@ -143,47 +146,12 @@ def build_random_model(tutorial, folder: Path) -> Path:
     return folder
 
 
-class StepTimer:
-    """Trainer callback: wall time and real tokens of each optimizer step, after a warm-up."""
-
-    def __init__(self, counts: list[int], warmup: int = 3):
-        from transformers import TrainerCallback
-
-        self.counts, self.warmup, self.times, self.losses = counts, warmup, [], []
-        self.mark = 0
-        outer = self
-
-        class CB(TrainerCallback):
-            # Batches are fetched before on_step_begin, so a step's tokens and time are counted
-            # from one step end to the next: data loading is part of the step's cost.
-            def on_train_begin(self, args, state, control, **kw):
-                outer.t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                import torch
-
-                torch.cuda.synchronize()
-                now = time.perf_counter()
-                outer.times.append((now - outer.t0, sum(outer.counts[outer.mark:])))
-                outer.t0, outer.mark = now, len(outer.counts)
-
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "loss" in logs:
-                    outer.losses.append(float(logs["loss"]))
-
-        self.callback = CB()
-
-    def tokens_per_s(self) -> float:
-        steady = self.times[self.warmup:]
-        return sum(n for _, n in steady) / sum(t for t, _ in steady)
-
-    def tokens_per_step(self) -> float:
-        steady = self.times[self.warmup:]
-        return sum(n for _, n in steady) / len(steady)
-
-
 def profiled(steps: range, out: Path):
-    """Trainer callback: torch.profiler over `steps`, the kernel table written to `out`."""
+    """Trainer callback: torch.profiler over `steps`, the kernel table written to `out`.
+
+    The profiler leaves CUDA tracing attached: every later step of the process ran about half
+    as fast on an H100. Never read tokens/s from a profiled run.
+    """
     import torch
     from transformers import TrainerCallback
 
@@ -224,7 +192,7 @@ def counting(collate, counts: list[int]):
 def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     import torch
 
-    from selfllm_utils import models, training
+    from selfllm_utils import models, train_zero3, training
 
     key, quant, cfg, opts = CONFIGS[name]
     steps = opts.get("steps", steps)
@@ -238,22 +206,26 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
                               use_liger=cfg.use_liger and not opts.get("trl"))
     seqs = steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     ds = synthetic_dataset(max(seqs, 512), vocab=len(tokenizer))
-    counts: list[int] = []
-    timer = StepTimer(counts)
+    counts: list[int] = []  # real tokens of each micro-batch, in order
+    clock = train_zero3.StepClock()  # the time each optimizer step ends
     torch.cuda.reset_peak_memory_stats()
     if opts.get("trl"):
         trainer = trl_trainer(model, tokenizer, ds, tutorial, cfg, opts, workdir / name)
     else:
         peft_model = models.add_lora(model, tutorial, cfg)
         trainer = training.make_trainer(peft_model, tokenizer, ds, cfg, workdir / name,
-                                        callbacks=[timer.callback], disable_tqdm=True)
+                                        disable_tqdm=True)
     trainer.data_collator = counting(trainer.data_collator, counts)
-    if opts.get("trl"):
-        trainer.add_callback(timer.callback)
+    trainer.add_callback(clock)
     if os.environ.get("SELFLLM_PROFILE"):  # kernel table of steps 2-3, inside the untimed warm-up
         trainer.add_callback(profiled(range(1, 3), Path(os.environ["SELFLLM_PROFILE"]) / f"{name}.txt"))
     trainer.train()
-    tps = timer.tokens_per_s()
+    # the same reader as the ZeRO-3 runs (benchmarks/zero3_gpu.py): steps after the warm-up only
+    accumulation = 1 if opts.get("trl") else cfg.gradient_accumulation_steps
+    run = {"ranks": [{"tokens": counts, "step_times": clock.times}]}
+    tps = train_zero3.tokens_per_second(run, accumulation, warmup=WARMUP_STEPS)
+    timed = sum(counts[WARMUP_STEPS * accumulation:steps * accumulation])
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     extra = {}
     if opts.get("chat"):  # notebook 03's chat helper on the trained full-size model
         from selfllm_utils import inference
@@ -271,9 +243,9 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "mfu": round(4 * n_params * tps / (tflops * 1e12), 4), "matmul_tflops": round(tflops),
-        "loss_last5": round(sum(timer.losses[-5:]) / len(timer.losses[-5:]), 4),
-        "losses": [round(x, 4) for x in timer.losses],
-        "steps": steps, "tokens_per_step": round(timer.tokens_per_step()),
+        "loss_last5": round(sum(losses[-5:]) / len(losses[-5:]), 4),
+        "losses": [round(x, 4) for x in losses],
+        "steps": steps, "tokens_per_step": round(timed / (steps - WARMUP_STEPS)),
         "seqs_per_step": None if opts.get("trl") else cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
         "packing": cfg.packing, "checkpointing": cfg.gradient_checkpointing, "liger": cfg.use_liger,
         "optim": cfg.optim, "cap_gib": opts.get("cap_gib"), "embeddings_on_cpu": cfg.embeddings_on_cpu,
