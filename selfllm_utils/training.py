@@ -247,8 +247,10 @@ def lora_addmm_forward(self, x, *args, **kwargs):
 
     peft computes B (A x) as its own [tokens x out] tensor, scales it, then adds it: three passes
     over the layer's whole output, and before that a copy of x in fp32 that bf16 autocast casts
-    straight back. One `addmm` accumulates s * (A x) B^T into W x instead: the same sum, 10-20%
-    of a Qwen2-7B step saved on an H100 (README). `FastLora` puts it on while training.
+    straight back. One `addmm` accumulates s * (A x) B^T into W x instead: the same sum. On an
+    H100 (Qwen2-7B, 96 sequences a step) those copies were about a sixth of the GPU time in a
+    profile, and the fused sum gained another 2.6% once they were gone (13,436 -> 13,782
+    tokens/s). `FastLora` puts it on while training.
     """
     import torch
 
