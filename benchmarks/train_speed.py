@@ -68,8 +68,9 @@ CONFIGS: dict[str, tuple] = {
     **{f"deepseek-qlora-cpuemb-b{n}": ("deepseek", "4bit", R_(DEEPSEEK.config, per_device_train_batch_size=n), {})
        for n in (24, 40)},
     "glm4-course-24g-b16": ("glm4", "bf16", R_(GLM4.config, per_device_train_batch_size=16,
-                                               embeddings_on_cpu=False), {"cap_gib": 24}),  # the old default
-    "glm4-course-24g-cpuemb-b32": ("glm4", "bf16", R_(GLM4.config, per_device_train_batch_size=32), {"cap_gib": 24}),
+                                               embeddings_on_cpu=False), {"cap_gib": 24}),  # table on the GPU
+    **{f"glm4-course-24g-b{n}": ("glm4", "bf16", R_(GLM4.config, per_device_train_batch_size=n), {"cap_gib": 24})
+       for n in (24, 32, 48)},
 }
 
 

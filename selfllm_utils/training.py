@@ -242,6 +242,25 @@ class Fp32Rope(TrainerCallback):
         self.fixed = fp32_rope(model)
 
 
+def liger_loss_for_glm(model) -> bool:
+    """Liger's fused linear + cross-entropy loss for native GLM-4 (`glm`), which Liger does not list.
+
+    The Trainer's `use_liger_kernel` patches only the model types Liger names. GLM-4-9B-chat-hf
+    is `glm`, so its loss built the full [tokens x 151,552] logits in fp32, about 1.8 MB a token:
+    the largest item on a 24 GB card. Its causal-LM head is the same as GLM-4-0414's (`glm4`),
+    whose Liger forward serves as it is. Returns whether the model was patched.
+    """
+    from types import MethodType
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config.model_type != "glm":
+        return False
+    from liger_kernel.transformers.model.glm4 import lce_forward
+
+    base.forward = MethodType(lce_forward, base)
+    return True
+
+
 def lora_addmm_forward(self, x, *args, **kwargs):
     """A LoRA layer's training forward: W x + s * B (A x), the second product added into the first.
 
@@ -323,6 +342,8 @@ def make_trainer(model, tokenizer, train_ds, cfg: TrainConfig, output_dir: str |
     curve, rope, fast = LossCurve(), Fp32Rope(), FastLora()
     if cfg.packing and torch.cuda.is_available():
         use_varlen_attention(model)
+    if cfg.use_liger and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel"):
+        liger_loss_for_glm(model)
     trainer = Trainer(
         model=model, args=args or training_args(cfg, output_dir, **overrides), train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator(tokenizer, cfg.packing),

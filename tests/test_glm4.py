@@ -172,3 +172,29 @@ def test_notebook_code_never_trusts_remote_code() -> None:
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     code = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
     assert code and "trust_remote_code" not in code
+
+
+@pytest.mark.gpu
+def test_liger_loss_for_glm_matches_the_plain_loss() -> None:
+    """Liger's fused loss, patched onto native GLM-4, gives the loss and gradients of the plain one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from selfllm_utils import smoke, training
+
+    model = AutoModelForCausalLM.from_pretrained(smoke.model_dir(T), dtype=torch.bfloat16).cuda()
+    ids = torch.randint(10, model.config.vocab_size, (1, 64), device="cuda")
+    labels = ids.clone()
+    labels[0, :20] = -100
+    model.train()
+    plain = model(input_ids=ids, labels=labels).loss
+    plain.backward()
+    plain_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    assert training.liger_loss_for_glm(model)
+    model.train()  # Liger skips the logits only in training
+    fused = model(input_ids=ids, labels=labels)
+    fused.loss.backward()
+    assert fused.logits is None  # no [tokens x vocab] tensor was built
+    torch.testing.assert_close(fused.loss.float(), plain.float(), rtol=0.01, atol=0.01)
+    torch.testing.assert_close(model.lm_head.weight.grad.float(), plain_grad.float(), rtol=0.05, atol=1e-3)

@@ -30,7 +30,7 @@ CONSUMER_SLOWDOWN = 3.5
 WORKSHOP_MINUTES = 10.0
 # tokens/s for the recipe each preset uses (README's tables): one H100 (2026-11-26), except
 # qwen1.5: ZeRO-3 with offload on one GPU (an H200, 2026-11-26; Hopper like the H100).
-README_TOKENS_PER_S = {"deepseek": 5_483, "glm4": 4_535, "qwen2": 9_743, "qwen1.5": 1_796}
+README_TOKENS_PER_S = {"deepseek": 5_483, "glm4": 6_388, "qwen2": 9_743, "qwen1.5": 1_796}
 # The knobs a preset may turn: how long it trains, how much a step holds. Never the model, the
 # LoRA targets, the rank or the learning rate: the lesson must stay the same.
 DURATION_FIELDS = {"num_train_epochs", "max_steps", "max_length", "per_device_train_batch_size",
