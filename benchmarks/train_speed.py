@@ -17,7 +17,7 @@ steps (quality check: same data, same number of sequences seen).
 from __future__ import annotations
 
 import argparse
-import dataclasses
+from dataclasses import replace
 import json
 import os
 import shutil
@@ -37,8 +37,7 @@ QWEN2 = R.get("qwen2")
 DEEPSEEK = R.get("deepseek")
 GLM4 = R.get("glm4")
 # an 80 GB card: no checkpointing, 128 sequences (~10k tokens) a step, 63 GiB at peak
-FAST = dataclasses.replace(QWEN2.config, gradient_checkpointing=False, per_device_train_batch_size=128)
-R_ = dataclasses.replace
+FAST = replace(QWEN2.config, gradient_checkpointing=False, per_device_train_batch_size=128)
 CONFIGS: dict[str, tuple] = {
     "qwen2-seed": ("qwen2", "bf16", QWEN2.seed_config, {}),
     "qwen2-course-24g": ("qwen2", "bf16", QWEN2.config, {"cap_gib": 24, "steps": 30, "chat": True}),
@@ -48,28 +47,28 @@ CONFIGS: dict[str, tuple] = {
     "qwen2-trl-8192": ("qwen2", "bf16", FAST, {"trl": True, "pack_tokens": 8192}),
     "deepseek-qlora-seed": ("deepseek", "4bit", DEEPSEEK.seed_config, {}),
     "deepseek-qlora-course": ("deepseek", "4bit", DEEPSEEK.config, {}),
-    "deepseek-bf16-seed": ("deepseek", "bf16", R_(DEEPSEEK.seed_config, optim="adamw_torch"), {}),
+    "deepseek-bf16-seed": ("deepseek", "bf16", replace(DEEPSEEK.seed_config, optim="adamw_torch"), {}),
     "deepseek-bf16-course": ("deepseek", "bf16", R.COURSE, {"cap_gib": 24}),
     "glm4-course-24g": ("glm4", "bf16", GLM4.config, {"cap_gib": 24}),
     # quality: the seed's batching vs the course's path on the same sequences per step with the same
     # hyper-parameters (16 a step, lr 1e-4, no dropout): the per-step losses should agree
-    "qwen2-seed-same": ("qwen2", "bf16", R_(QWEN2.seed_config, lora_dropout=0.0), {}),
-    "qwen2-course-same": ("qwen2", "bf16", R_(QWEN2.config, per_device_train_batch_size=16, learning_rate=1e-4,
+    "qwen2-seed-same": ("qwen2", "bf16", replace(QWEN2.seed_config, lora_dropout=0.0), {}),
+    "qwen2-course-same": ("qwen2", "bf16", replace(QWEN2.config, per_device_train_batch_size=16, learning_rate=1e-4,
                                               optim="adamw_torch"), {}),
-    "deepseek-qlora-seed-same": ("deepseek", "4bit", R_(DEEPSEEK.seed_config, lora_dropout=0.0), {}),
-    "deepseek-qlora-course-same": ("deepseek", "4bit", R_(DEEPSEEK.config, per_device_train_batch_size=16,
+    "deepseek-qlora-seed-same": ("deepseek", "4bit", replace(DEEPSEEK.seed_config, lora_dropout=0.0), {}),
+    "deepseek-qlora-course-same": ("deepseek", "4bit", replace(DEEPSEEK.config, per_device_train_batch_size=16,
                                                           learning_rate=1e-4), {}),
     # neighbours of the defaults, measured side by side before a registry default changes
-    **{f"qwen2-course-b{n}": ("qwen2", "bf16", R_(FAST, per_device_train_batch_size=n), {}) for n in (48, 96)},
-    "qwen2-course-24g-cpuemb-b96": ("qwen2", "bf16", R_(QWEN2.config, per_device_train_batch_size=96,
+    **{f"qwen2-course-b{n}": ("qwen2", "bf16", replace(FAST, per_device_train_batch_size=n), {}) for n in (48, 96)},
+    "qwen2-course-24g-cpuemb-b96": ("qwen2", "bf16", replace(QWEN2.config, per_device_train_batch_size=96,
                                                         embeddings_on_cpu=True), {"cap_gib": 24}),
-    "deepseek-qlora-b12": ("deepseek", "4bit", R_(DEEPSEEK.config, per_device_train_batch_size=12,
+    "deepseek-qlora-b12": ("deepseek", "4bit", replace(DEEPSEEK.config, per_device_train_batch_size=12,
                                                   embeddings_on_cpu=False), {}),  # the old default
-    **{f"deepseek-qlora-cpuemb-b{n}": ("deepseek", "4bit", R_(DEEPSEEK.config, per_device_train_batch_size=n), {})
+    **{f"deepseek-qlora-cpuemb-b{n}": ("deepseek", "4bit", replace(DEEPSEEK.config, per_device_train_batch_size=n), {})
        for n in (24, 40)},
-    "glm4-course-24g-b16": ("glm4", "bf16", R_(GLM4.config, per_device_train_batch_size=16,
+    "glm4-course-24g-b16": ("glm4", "bf16", replace(GLM4.config, per_device_train_batch_size=16,
                                                embeddings_on_cpu=False), {"cap_gib": 24}),  # table on the GPU
-    **{f"glm4-course-24g-b{n}": ("glm4", "bf16", R_(GLM4.config, per_device_train_batch_size=n), {"cap_gib": 24})
+    **{f"glm4-course-24g-b{n}": ("glm4", "bf16", replace(GLM4.config, per_device_train_batch_size=n), {"cap_gib": 24})
        for n in (24, 32, 48)},
 }
 
@@ -193,7 +192,7 @@ def counting(collate, counts: list[int]):
 def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     import torch
 
-    from selfllm_utils import models, train_zero3, training
+    from selfllm_utils import models, training
 
     key, quant, cfg, opts = CONFIGS[name]
     steps = opts.get("steps", steps)
@@ -203,12 +202,12 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         torch.cuda.set_per_process_memory_fraction(opts["cap_gib"] / total)
     folder = build_random_model(tutorial, workdir / key)
     model, tokenizer = models.load_model(tutorial, quant=quant, path=folder)
-    cfg = dataclasses.replace(cfg, max_steps=steps, logging_steps=1, save_steps=10**6,
+    cfg = replace(cfg, max_steps=steps, logging_steps=1, save_steps=10**6,
                               use_liger=cfg.use_liger and not opts.get("trl"))
     seqs = steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     ds = synthetic_dataset(max(seqs, 512), vocab=len(tokenizer))
     counts: list[int] = []  # real tokens of each micro-batch, in order
-    clock = train_zero3.StepClock()  # the time each optimizer step ends
+    clock = training.StepClock()  # the time each optimizer step ends
     torch.cuda.reset_peak_memory_stats()
     if opts.get("trl"):
         trainer = trl_trainer(model, tokenizer, ds, tutorial, cfg, opts, workdir / name)
@@ -224,9 +223,9 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     # the same reader as the ZeRO-3 runs (benchmarks/zero3_gpu.py): steps after the warm-up only
     accumulation = 1 if opts.get("trl") else cfg.gradient_accumulation_steps
     run = {"ranks": [{"tokens": counts, "step_times": clock.times}]}
-    tps = train_zero3.tokens_per_second(run, accumulation, warmup=WARMUP_STEPS)
+    tps = training.tokens_per_second(run, accumulation, warmup=WARMUP_STEPS)
     timed = sum(counts[WARMUP_STEPS * accumulation:steps * accumulation])
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = list(training.logged(trainer).values())
     extra = {}
     if opts.get("chat"):  # notebook 03's chat helper on the trained full-size model
         from selfllm_utils import inference

@@ -83,7 +83,7 @@ def summary(name: str, out: Path, seconds: float) -> dict:
     loss = training.logged(out)
     ranks = info["ranks"]
     return {"run": name, "gpus": len(ranks), "offload": info["offload"], "steps": max(loss),
-            "tokens_per_s": round(train_zero3.tokens_per_second(info, info["gradient_accumulation_steps"])),
+            "tokens_per_s": round(training.tokens_per_second(info, info["gradient_accumulation_steps"])),
             "tokens_per_step": sum(sum(r["tokens"]) for r in ranks) // max(1, len(ranks[0]["step_times"])),
             "peak_allocated_gib": [round(r.get("peak_allocated_gib", 0), 2) for r in ranks],
             "peak_reserved_gib": [round(r.get("peak_reserved_gib", 0), 2) for r in ranks],

@@ -137,40 +137,6 @@ class RecordingCollator:
         return self.collate(features)
 
 
-class StepClock(TrainerCallback):
-    """Wall-clock time at the end of each optimizer step (evaluation and saving come after it),
-    once the GPU has finished the step's work. Also the single-GPU benchmark's clock."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        import time
-
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-
-
-def tokens_per_second(info: dict, accumulation: int, warmup: int = 2) -> float:
-    """Training tokens/s of a run from its run_info: all ranks' tokens over rank 0's step times.
-
-    The first `warmup` steps are left out (allocation, compilation, the first gathers), and so
-    is the time between steps that evaluation or checkpointing took.
-    """
-    steps = [r["step_times"] for r in info["ranks"]][0]
-    if len(steps) <= warmup + 1:
-        raise ValueError(f"{len(steps)} steps: too few to time after {warmup} warm-up steps")
-    gaps = [b - a for a, b in zip(steps[warmup:], steps[warmup + 1:])]
-    typical = sorted(gaps)[len(gaps) // 2]
-    kept = [i for i, g in enumerate(gaps, start=warmup + 1) if g < 3 * typical]  # no eval/save
-    tokens = sum(sum(r["tokens"][i * accumulation:(i + 1) * accumulation]) for r in info["ranks"]
-                 for i in kept)
-    return tokens / sum(gaps[i - warmup - 1] for i in kept)
-
-
 class StopAt(TrainerCallback):
     """Ends training after a given step, like a crash or a lost node (to test `--resume`)."""
 
@@ -194,7 +160,7 @@ def probe_logits(model, example: dict):
         return ids.cpu(), model(input_ids=ids).logits.float().cpu()
 
 
-def write_run_files(trainer, out: Path, recorder: RecordingCollator, clock: StepClock, example: dict,
+def write_run_files(trainer, out: Path, recorder: RecordingCollator, clock: training.StepClock, example: dict,
                     info: dict) -> None:
     """Gather what each rank saw to rank 0, which writes run_info.json and probe.pt."""
     import torch
@@ -247,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     partitioned = all(hasattr(p, "ds_id") for p in model.parameters())  # loaded under zero.Init
     train_ds, eval_ds = load_splits(args, tutorial, tokenizer, smoke, cfg.max_length)
     model = models.add_lora(model, tutorial, cfg)
-    clock = StepClock()
+    clock = training.StepClock()
     trainer = training.make_trainer(
         model, tokenizer, train_ds, cfg, out, eval_ds=eval_ds, args=targs,
         compute_metrics=metrics.token_accuracy,

@@ -196,13 +196,53 @@ def _in_notebook() -> bool:
         return False
 
 
-def logged(run_dir: str | Path, key: str = "loss") -> dict[int, float]:
-    """One logged value by step ("loss", "eval_loss", "eval_accuracy"...), read from the
-    trainer_state.json the Trainer writes into a run folder (all ranks done, or another process)."""
+def logged(run, key: str = "loss") -> dict[int, float]:
+    """One logged value by step ("loss", "eval_loss", "eval_accuracy"...), from a Trainer that
+    has trained, or from the trainer_state.json it wrote into a run folder (another process)."""
     import json
 
-    history = json.loads((Path(run_dir) / "trainer_state.json").read_text())["log_history"]
+    if hasattr(run, "state"):
+        history = run.state.log_history
+    else:
+        history = json.loads((Path(run) / "trainer_state.json").read_text())["log_history"]
     return {h["step"]: h[key] for h in history if key in h}
+
+
+class StepClock(TrainerCallback):
+    """Wall-clock time at the end of each optimizer step (evaluation and saving come after it),
+    once the GPU has finished the step's work: for `tokens_per_second`."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+
+def tokens_per_second(info: dict, accumulation: int, warmup: int = 2) -> float:
+    """Training tokens/s: all ranks' tokens over rank 0's step times (a StepClock's).
+
+    `info` is {"ranks": [{"tokens": per micro-batch, "step_times": per step}, ...]}, as
+    train_zero3 writes it in run_info.json; a micro-batch's tokens count for its step by position.
+
+    The first `warmup` steps are left out (allocation, compilation, the first gathers), and so
+    is the time between steps that evaluation or checkpointing took.
+    """
+    steps = [r["step_times"] for r in info["ranks"]][0]
+    if len(steps) <= warmup + 1:
+        raise ValueError(f"{len(steps)} steps: too few to time after {warmup} warm-up steps")
+    gaps = [b - a for a, b in zip(steps[warmup:], steps[warmup + 1:])]
+    typical = sorted(gaps)[len(gaps) // 2]
+    kept = [i for i, g in enumerate(gaps, start=warmup + 1) if g < 3 * typical]  # no eval/save
+    tokens = sum(sum(r["tokens"][i * accumulation:(i + 1) * accumulation]) for r in info["ranks"]
+                 for i in kept)
+    return tokens / sum(gaps[i - warmup - 1] for i in kept)
 
 
 def fp32_rope(model) -> int:

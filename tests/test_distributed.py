@@ -185,16 +185,6 @@ def probe(zero3_run: Path) -> dict:
     return torch.load(zero3_run / train_zero3.PROBE)
 
 
-def test_tokens_per_second_leaves_out_warmup_and_eval_gaps() -> None:
-    # 7 steps of 1 s (2 micro-batches of 100 tokens each) on 2 ranks, but a 30 s evaluation
-    # before step 5 and a slow start; the first 2 steps are warm-up
-    times = [0.0, 5.0, 6.0, 7.0, 37.0, 38.0, 39.0]
-    info = {"ranks": [{"tokens": [100] * 14, "step_times": times}] * 2}
-    assert train_zero3.tokens_per_second(info, accumulation=2) == pytest.approx(2 * 200 / 1.0)
-    with pytest.raises(ValueError, match="too few"):
-        train_zero3.tokens_per_second({"ranks": [{"tokens": [1] * 3, "step_times": [0, 1, 2]}]}, 1)
-
-
 def test_a_deepspeed_file_of_your_own_is_used(tmp_path: Path) -> None:
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(distributed.deepspeed_config(2)))
@@ -225,7 +215,7 @@ def test_each_rank_counts_tokens_and_times_steps(run_info: dict) -> None:
         # the data loader may fetch one batch ahead, past the last step
         assert len(rank["tokens"]) == len(rank["batches"]) >= STEPS * accumulation
         assert min(rank["tokens"]) >= len(rank["batches"][0])  # at least a token an example
-    assert train_zero3.tokens_per_second(run_info, accumulation) > 0
+    assert training.tokens_per_second(run_info, accumulation) > 0
 
 
 def test_only_rank0_writes_model_files(zero3_run: Path, run_info: dict) -> None:

@@ -169,6 +169,7 @@ def test_trainer_loss_falls_and_curve_is_saved(packing: bool, smoke_models, iden
     assert curve.path.read_bytes()[:4] == PNG_MAGIC
     assert trainer.rope_fix in trainer.callback_handler.callbacks  # RoPE guard on every run
     assert trainer.rope_fix.fixed == 0  # fp32 on a CPU: nothing was rounded
+    assert list(training.logged(trainer).values()) == curve.losses  # the same log, read from the Trainer
 
 
 def test_loss_curve_records_eval_loss(tmp_path) -> None:
@@ -270,3 +271,13 @@ def test_fast_lora_leaves_zero3_partitioned_layers_to_peft(smoke_models) -> None
     layer = next(m for m in peft_model.modules() if training.FastLora.applies(m))
     layer.lora_B["default"].weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned weight
     assert not training.FastLora.applies(layer)
+
+
+def test_tokens_per_second_leaves_out_warmup_and_eval_gaps() -> None:
+    # 7 steps of 1 s (2 micro-batches of 100 tokens each) on 2 ranks, but a 30 s evaluation
+    # before step 5 and a slow start; the first 2 steps are warm-up
+    times = [0.0, 5.0, 6.0, 7.0, 37.0, 38.0, 39.0]
+    info = {"ranks": [{"tokens": [100] * 14, "step_times": times}] * 2}
+    assert training.tokens_per_second(info, accumulation=2) == pytest.approx(2 * 200 / 1.0)
+    with pytest.raises(ValueError, match="too few"):
+        training.tokens_per_second({"ranks": [{"tokens": [1] * 3, "step_times": [0, 1, 2]}]}, 1)
