@@ -91,6 +91,11 @@ def _quantization(dtype):
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
 
 
+def load_dtype() -> torch.dtype:
+    """What `load_model` loads weights in: bf16 on a GPU, fp32 on a CPU (no fast bf16 math there)."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
 def load_model(tutorial: Tutorial, quant: str = "bf16", smoke_mode: bool | None = None,
                path: Path | str | None = None):
     """(model, tokenizer) of a tutorial: bf16 (or fp32 on a CPU), or 4-bit with quant="4bit".
@@ -100,7 +105,6 @@ def load_model(tutorial: Tutorial, quant: str = "bf16", smoke_mode: bool | None 
     no device_map is set: the engine places the weights. `path`, a local model folder, is
     checked first (`check_model_dir`); without it, the download or the smoke stand-in.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     if quant not in ("bf16", "4bit"):
@@ -110,7 +114,7 @@ def load_model(tutorial: Tutorial, quant: str = "bf16", smoke_mode: bool | None 
     cuda = torch.cuda.is_available()
     # grow memory segments instead of caching fixed blocks: reserved stays near allocated
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = load_dtype()
     kwargs = {"dtype": dtype}
     if cuda and "WORLD_SIZE" not in os.environ:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
@@ -163,7 +167,7 @@ def prepare_4bit(model, gradient_checkpointing: bool):
     """
     for param in model.parameters():
         param.requires_grad = False
-        if param.ndim == 1 and param.dtype in torch_dtypes():
+        if param.ndim == 1 and param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
     if gradient_checkpointing:
         _enable_checkpointing(model)
@@ -204,12 +208,6 @@ def embeddings_to_cpu(model) -> int:
     if freed:
         torch.cuda.empty_cache()
     return freed
-
-
-def torch_dtypes() -> tuple:
-    import torch
-
-    return (torch.float16, torch.bfloat16)
 
 
 def add_lora(model, tutorial: Tutorial, cfg: TrainConfig):

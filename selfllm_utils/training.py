@@ -19,6 +19,13 @@ from .registry import TrainConfig
 LOSS_PNG = "loss.png"
 
 
+def liger_on(cfg: TrainConfig) -> bool:
+    """Whether this run uses Liger's kernels: asked for, and a GPU with liger-kernel installed."""
+    import torch
+
+    return bool(cfg.use_liger and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel"))
+
+
 def training_args(cfg: TrainConfig, output_dir: str | Path, **overrides):
     """`TrainingArguments` from a TrainConfig; keyword overrides win (e.g. eval settings).
 
@@ -29,14 +36,13 @@ def training_args(cfg: TrainConfig, output_dir: str | Path, **overrides):
     from transformers import TrainingArguments
 
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    liger = cfg.use_liger and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel")
     kwargs = dict(
         output_dir=str(output_dir), per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         warmup_steps=cfg.warmup_steps, optim=cfg.optim, seed=cfg.seed, bf16=bf16,
-        use_liger_kernel=bool(liger),
+        use_liger_kernel=liger_on(cfg),
         report_to="none", save_total_limit=2,
         # packed batches have no attention_mask column to keep; the collator builds what is needed
         remove_unused_columns=False,
@@ -382,7 +388,7 @@ def make_trainer(model, tokenizer, train_ds, cfg: TrainConfig, output_dir: str |
     curve, rope, fast = LossCurve(), Fp32Rope(), FastLora()
     if cfg.packing and torch.cuda.is_available():
         use_varlen_attention(model)
-    if cfg.use_liger and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel"):
+    if liger_on(cfg):
         liger_loss_for_glm(model)
     trainer = Trainer(
         model=model, args=args or training_args(cfg, output_dir, **overrides), train_dataset=train_ds,

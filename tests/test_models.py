@@ -23,8 +23,7 @@ def _batch(tokenizer, text: str = "请介绍一下你自己。我是不要葱姜
 def test_load_bf16(smoke_models) -> None:
     tutorial = registry.get(KEY)
     model, tokenizer = smoke_models.model(KEY)
-    expected = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # no bf16 math on CPU
-    assert model.dtype == expected
+    assert model.dtype == models.load_dtype() == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     assert model.generation_config.eos_token_id == models.stop_ids(tokenizer, tutorial.family)
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id is not None
     assert tokenizer.padding_side == "right"
