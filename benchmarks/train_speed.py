@@ -1,17 +1,20 @@
 """Training speed of the course's recipes on one GPU, side by side: one JSON line per configuration.
 
 Full-size architectures (shapes from the registry's reference configs) with random weights, trained
-with the package's own helpers (models.load_model, models.add_lora, training.make_trainer) on
-token sequences whose lengths follow the Chat-甄嬛 data. Each configuration runs in a fresh process
-so memory figures do not mix. Run on a GPU machine:
+with the package's own helpers (memory.token_budget, models.load_model, models.add_lora,
+training.make_trainer) on token sequences of three length mixes (`MIXES`): Chat-甄嬛 (82 tokens on
+average), Alpaca-like (~250) and long multi-turn chats (~1,000, a tail to 4,096). The course's
+configurations take the defaults a learner gets: the token budget fitted to the card (or to
+`cap_gib`, a per-process memory cap) and checkpointing decided by it. Each configuration runs
+in a fresh process so memory figures do not mix. Run on a GPU machine:
 
     python benchmarks/train_speed.py                       # every configuration
     python benchmarks/train_speed.py --only qwen2-course   # one
     python benchmarks/train_speed.py --list
 
 Printed per configuration: tokens/s of real (non-pad) tokens, peak allocated and reserved GPU
-memory, MFU against the bf16 matmul rate measured in the same run, and the mean loss of the last
-steps (quality check: same data, same number of sequences seen).
+memory beside `memory.estimate_memory`'s estimate at the chosen budget, MFU against the bf16 matmul
+rate measured in the same run, and the per-step losses (quality check: same data, same steps).
 """
 
 from __future__ import annotations
@@ -31,45 +34,52 @@ from selfllm_utils import registry
 HERE = Path(__file__).resolve().parent
 R = registry
 
-# name: (tutorial, quant, TrainConfig, options). Options: trl (TRL's SFTTrainer), cap_gib
-# (torch.cuda.set_per_process_memory_fraction), pack_tokens (TRL's packed length).
+# name: (tutorial, quant, TrainConfig, options). Options: mix (a key of MIXES), trl (TRL's
+# SFTTrainer), cap_gib (torch.cuda.set_per_process_memory_fraction), pack_tokens (TRL's packed
+# length), padded_packs (the seed's padded batches over the course's packs: the quality pair).
 QWEN2 = R.get("qwen2")
 DEEPSEEK = R.get("deepseek")
 GLM4 = R.get("glm4")
-# an 80 GB card: no checkpointing, 128 sequences (~10k tokens) a step, 63 GiB at peak
-FAST = replace(QWEN2.config, gradient_checkpointing=False, per_device_train_batch_size=128)
+# length mixes: (mean tokens, longest, max_length the learner sets for them)
+MIXES = {"chat": (82, 384, 384), "alpaca": (250, 1024, 1024), "long": (1000, 4096, 4096)}
+SAME_TOKENS = 1536  # the quality pairs: ~18 Chat-甄嬛 sequences a step, fixed on both sides
+
+
+def _course(t, mix: str):
+    return replace(t.config, max_length=MIXES[mix][2])
+
+
 CONFIGS: dict[str, tuple] = {
-    "qwen2-seed": ("qwen2", "bf16", QWEN2.seed_config, {}),
-    "qwen2-course-24g": ("qwen2", "bf16", QWEN2.config, {"cap_gib": 24, "steps": 30, "chat": True}),
-    "qwen2-course": ("qwen2", "bf16", FAST, {}),
-    # TRL's SFTTrainer at its two best packed lengths measured here (which one wins moves between runs)
-    "qwen2-trl-4096": ("qwen2", "bf16", FAST, {"trl": True, "pack_tokens": 4096}),
-    "qwen2-trl-8192": ("qwen2", "bf16", FAST, {"trl": True, "pack_tokens": 8192}),
-    "deepseek-qlora-seed": ("deepseek", "4bit", DEEPSEEK.seed_config, {}),
-    "deepseek-qlora-course": ("deepseek", "4bit", DEEPSEEK.config, {}),
-    "deepseek-bf16-seed": ("deepseek", "bf16", replace(DEEPSEEK.seed_config, optim="adamw_torch"), {}),
-    "deepseek-bf16-course": ("deepseek", "bf16", R.COURSE, {"cap_gib": 24}),
-    "glm4-course-24g": ("glm4", "bf16", GLM4.config, {"cap_gib": 24}),
-    # quality: the seed's batching vs the course's path on the same sequences per step with the same
-    # hyper-parameters (16 a step, lr 1e-4, no dropout): the per-step losses should agree
-    "qwen2-seed-same": ("qwen2", "bf16", replace(QWEN2.seed_config, lora_dropout=0.0), {}),
-    "qwen2-course-same": ("qwen2", "bf16", replace(QWEN2.config, per_device_train_batch_size=16, learning_rate=1e-4,
-                                              optim="adamw_torch"), {}),
-    "deepseek-qlora-seed-same": ("deepseek", "4bit", replace(DEEPSEEK.seed_config, lora_dropout=0.0), {}),
-    "deepseek-qlora-course-same": ("deepseek", "4bit", replace(DEEPSEEK.config, per_device_train_batch_size=16,
-                                                          learning_rate=1e-4), {}),
-    # neighbours of the defaults, measured side by side before a registry default changes
-    **{f"qwen2-course-b{n}": ("qwen2", "bf16", replace(FAST, per_device_train_batch_size=n), {}) for n in (48, 96)},
-    "qwen2-course-24g-cpuemb-b96": ("qwen2", "bf16", replace(QWEN2.config, per_device_train_batch_size=96,
-                                                        embeddings_on_cpu=True), {"cap_gib": 24}),
-    "deepseek-qlora-b12": ("deepseek", "4bit", replace(DEEPSEEK.config, per_device_train_batch_size=12,
-                                                  embeddings_on_cpu=False), {}),  # the old default
-    **{f"deepseek-qlora-cpuemb-b{n}": ("deepseek", "4bit", replace(DEEPSEEK.config, per_device_train_batch_size=n), {})
-       for n in (24, 40)},
-    "glm4-course-24g-b16": ("glm4", "bf16", replace(GLM4.config, per_device_train_batch_size=16,
-                                               embeddings_on_cpu=False), {"cap_gib": 24}),  # table on the GPU
-    **{f"glm4-course-24g-b{n}": ("glm4", "bf16", replace(GLM4.config, per_device_train_batch_size=n), {"cap_gib": 24})
-       for n in (24, 32, 48)},
+    "qwen2-seed": ("qwen2", "bf16", QWEN2.seed_config, {"mix": "chat"}),
+    "deepseek-qlora-seed": ("deepseek", "4bit", DEEPSEEK.seed_config, {"mix": "chat"}),
+    **{name: spec for mix in MIXES for name, spec in {
+        f"qwen2-course-24g-{mix}": ("qwen2", "bf16", _course(QWEN2, mix), {"mix": mix, "cap_gib": 24}),
+        f"qwen2-course-{mix}": ("qwen2", "bf16", _course(QWEN2, mix), {"mix": mix}),
+        # TRL's SFTTrainer at its best settings measured here (best-fit packing, padding-free,
+        # Liger, no checkpointing), at two packed lengths: which one wins moves between runs
+        **{f"qwen2-trl-{n}-{mix}": ("qwen2", "bf16", _course(QWEN2, mix),
+                                    {"mix": mix, "trl": True, "pack_tokens": n})
+           for n in ((4096, 8192) if mix != "long" else (8192, 16384))},
+        f"glm4-course-24g-{mix}": ("glm4", "bf16", _course(GLM4, mix), {"mix": mix, "cap_gib": 24}),
+        # a 4,096-token example does not fit 5.5 GiB even in 4-bit (memory.token_budget refuses
+        # it in one line): a learner on a 6 GB card cuts long chats at 2,048 (end token kept)
+        f"deepseek-qlora-course-{mix}": ("deepseek", "4bit", replace(_course(DEEPSEEK, mix),
+                                         max_length=min(2048, MIXES[mix][2])), {"mix": mix, "cap_gib": 5.5}),
+    }.items()},
+    # neighbours of the fitted QLoRA budget under the 5.5 GiB cap, set by hand (calibration)
+    **{f"deepseek-qlora-course-chat-t{n}": ("deepseek", "4bit", replace(DEEPSEEK.config, batch_tokens=n),
+                                            {"mix": "chat", "cap_gib": 5.5}) for n in (2688, 3200)},
+    # quality: the seed's padded batches vs the course's path on the same packs of sequences
+    # with the same hyper-parameters (lr 1e-4, no dropout): the per-step losses should agree
+    "qwen2-seed-same": ("qwen2", "bf16", replace(QWEN2.seed_config, lora_dropout=0.0),
+                        {"mix": "chat", "padded_packs": True}),
+    "qwen2-course-same": ("qwen2", "bf16", replace(QWEN2.config, batch_tokens=SAME_TOKENS, learning_rate=1e-4,
+                                              optim="adamw_torch", gradient_checkpointing=True), {"mix": "chat"}),
+    "deepseek-qlora-seed-same": ("deepseek", "4bit", replace(DEEPSEEK.seed_config, lora_dropout=0.0),
+                                 {"mix": "chat", "padded_packs": True}),
+    "deepseek-qlora-course-same": ("deepseek", "4bit", replace(DEEPSEEK.config, batch_tokens=SAME_TOKENS,
+                                                          learning_rate=1e-4, gradient_checkpointing=True),
+                                   {"mix": "chat"}),
 }
 
 
@@ -98,19 +108,34 @@ def chat_lengths(n: int, mean_tokens: float = 82.0, seed: int = 0) -> list[tuple
 
     from selfllm_utils import data
 
-    path = data.find_huanhuan()
-    if path:
-        recs, _ = data.load_records(path)
-        pairs = [(len(r["instruction"]) + 20, len(r["output"]) + 1) for r in recs]
-    else:  # the shipped sample, if the real data is absent
-        recs, _ = data.load_records(R.repo_root() / "dataset" / "huanhuan_sample.json")
-        pairs = [(len(r["instruction"]) + 20, len(r["output"]) + 1) for r in recs]
+    path = data.find_huanhuan() or R.repo_root() / "dataset" / "huanhuan_sample.json"  # the sample if absent
+    recs, _ = data.load_records(path)
+    pairs = [(len(r["instruction"]) + 20, len(r["output"]) + 1) for r in recs]
     scale = mean_tokens / (sum(p + a for p, a in pairs) / len(pairs))
     rng = random.Random(seed)
     return [(max(1, round(p * scale)), max(2, round(a * scale))) for p, a in rng.choices(pairs, k=n)]
 
 
-def synthetic_dataset(n: int, vocab: int):
+def mix_lengths(mix: str, n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(prompt, answer) token counts of one of MIXES: Chat-甄嬛's own shape, or log-normal lengths
+    (instruction data has a long right tail) cut at the mix's longest."""
+    import math
+    import random
+
+    mean, longest, _ = MIXES[mix]
+    if mix == "chat":
+        return chat_lengths(n, mean, seed)
+    rng = random.Random(seed)
+    prompt_share = 0.3 if mix == "alpaca" else 0.45  # multi-turn: earlier turns are prompt too
+    out = []
+    for _ in range(n):
+        total = min(longest, max(8, round(rng.lognormvariate(math.log(mean) - 0.32, 0.8))))
+        prompt = max(1, round(total * prompt_share))
+        out.append((prompt, total - prompt))
+    return out
+
+
+def synthetic_dataset(n: int, vocab: int, mix: str = "chat"):
     """Random token ids with those lengths; labels mask the prompt like formatting.py does."""
     import random
 
@@ -118,7 +143,7 @@ def synthetic_dataset(n: int, vocab: int):
 
     rng = random.Random(1)
     rows = []
-    for p, a in chat_lengths(n):
+    for p, a in mix_lengths(mix, n):
         ids = [rng.randrange(100, vocab) for _ in range(p + a)]
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * p + ids[p:]})
     return datasets.Dataset.from_list(rows)
@@ -180,76 +205,107 @@ def profiled(steps: range, out: Path):
 
 
 def counting(collate, counts: list[int]):
-    """Wrap a collator to count the real tokens of every micro-batch it builds."""
+    """Wrap a collator to count the real tokens of every micro-batch it builds (packed rows too)."""
 
     def run(features):
-        counts.append(sum(len(f["input_ids"]) for f in features))
+        counts.append(sum(len(ids) for f in features for ids in _sequences(f)))
         return collate(features)
 
     return run
 
 
+def _sequences(feature: dict) -> list[list[int]]:
+    ids = feature["input_ids"]
+    return ids if ids and isinstance(ids[0], list) else [ids]
+
+
+def padded_packs(tokenizer):
+    """The seed's collator (padding to the longest) over the course's packed rows."""
+    from selfllm_utils import training
+
+    pad = training.collator(tokenizer, packing=False)
+    return lambda feats: pad([{"input_ids": i, "attention_mask": [1] * len(i), "labels": l}
+                              for f in feats for i, l in zip(f["input_ids"], f["labels"])])
+
+
 def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     import torch
 
-    from selfllm_utils import models, training
+    from selfllm_utils import memory, models, training
 
     key, quant, cfg, opts = CONFIGS[name]
     steps = opts.get("steps", steps)
     tutorial = R.get(key)
-    if opts.get("cap_gib"):
+    cap = opts.get("cap_gib")
+    folder = build_random_model(tutorial, workdir / key)  # before the cap: it builds in bf16 on the GPU
+    torch.cuda.empty_cache()
+    if cap:
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        torch.cuda.set_per_process_memory_fraction(opts["cap_gib"] / total)
-    folder = build_random_model(tutorial, workdir / key)
+        torch.cuda.set_per_process_memory_fraction(cap / total)
+    started = time.perf_counter()
     model, tokenizer = models.load_model(tutorial, quant=quant, path=folder)
+    load_s = time.perf_counter() - started
+    trl = opts.get("trl")
+    if opts.get("padded_packs"):  # same packs as the course side, each padded as the seed does
+        budget = None
+        cfg = replace(cfg, per_device_train_batch_size=1, gradient_accumulation_steps=1)
+    else:  # what a learner gets: the budget fitted to this card (or the cap)
+        budget = memory.token_budget(tutorial, cfg, quant, gpu_gib=cap)
+        cfg = budget.config
     cfg = replace(cfg, max_steps=steps, logging_steps=1, save_steps=10**6,
-                              use_liger=cfg.use_liger and not opts.get("trl"))
-    seqs = steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    ds = synthetic_dataset(max(seqs, 512), vocab=len(tokenizer))
+                  use_liger=cfg.use_liger and not trl)
+    mean = MIXES[opts["mix"]][0]
+    step_tokens = (cfg.batch_tokens or SAME_TOKENS) * cfg.gradient_accumulation_steps if cfg.packing or \
+        opts.get("padded_packs") else cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * mean
+    if trl:
+        step_tokens = opts["pack_tokens"]
+    ds = synthetic_dataset(max(512, round(1.3 * steps * step_tokens / mean)), len(tokenizer), opts["mix"])
+    if cfg.packing or opts.get("padded_packs"):
+        ds = ds.filter(lambda ex: len(ex["input_ids"]) <= cfg.max_length)  # already cut, as formatting does
     counts: list[int] = []  # real tokens of each micro-batch, in order
     clock = training.StepClock()  # the time each optimizer step ends
     torch.cuda.reset_peak_memory_stats()
-    if opts.get("trl"):
+    if trl:
         trainer = trl_trainer(model, tokenizer, ds, tutorial, cfg, opts, workdir / name)
     else:
+        import transformers
+
+        transformers.set_seed(cfg.seed)  # the same LoRA matrices on both sides of a quality pair
         peft_model = models.add_lora(model, tutorial, cfg)
-        trainer = training.make_trainer(peft_model, tokenizer, ds, cfg, workdir / name,
-                                        disable_tqdm=True)
+        if opts.get("padded_packs"):
+            ds, _ = training.pack_dataset(ds, SAME_TOKENS)
+        trainer = training.make_trainer(peft_model, tokenizer, ds, cfg, workdir / name, disable_tqdm=True)
+        if opts.get("padded_packs"):
+            trainer.data_collator = padded_packs(tokenizer)
     trainer.data_collator = counting(trainer.data_collator, counts)
     trainer.add_callback(clock)
     if os.environ.get("SELFLLM_PROFILE"):  # kernel table of steps 2-3, inside the untimed warm-up
         trainer.add_callback(profiled(range(1, 3), Path(os.environ["SELFLLM_PROFILE"]) / f"{name}.txt"))
     trainer.train()
     # the same reader as the ZeRO-3 runs (benchmarks/zero3_gpu.py): steps after the warm-up only
-    accumulation = 1 if opts.get("trl") else cfg.gradient_accumulation_steps
+    accumulation = 1 if trl else cfg.gradient_accumulation_steps
     run = {"ranks": [{"tokens": counts, "step_times": clock.times}]}
     tps = training.tokens_per_second(run, accumulation, warmup=WARMUP_STEPS)
     timed = sum(counts[WARMUP_STEPS * accumulation:steps * accumulation])
     losses = list(training.logged(trainer).values())
-    extra = {}
-    if opts.get("chat"):  # notebook 03's chat helper on the trained full-size model
-        from selfllm_utils import inference
-
-        t = time.perf_counter()
-        reply = inference.chat(trainer.model, tokenizer, "你是谁？", tutorial.family, max_new_tokens=64)
-        extra = {"chat_new_tokens": len(reply.token_ids), "chat_s": round(time.perf_counter() - t, 2),
-                 "chat_stopped": reply.stopped}
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     if quant == "4bit":  # packed 4-bit weights count two parameters per byte
         n_params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1)
                        for n, p in model.named_parameters() if "embed_tokens" not in n)
+    est = budget.estimate if budget else None
     return {
-        "config": name, "gpu": torch.cuda.get_device_name(0), "tokens_per_s": round(tps),
+        "config": name, "gpu": torch.cuda.get_device_name(0), "mix": opts["mix"], "tokens_per_s": round(tps),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "estimate_allocated_gib": round(est.total_gib - est.overhead_gib, 2) if est else None,
+        "batch_tokens": None if trl else cfg.batch_tokens, "budget": budget.reason if budget else None,
         "mfu": round(4 * n_params * tps / (tflops * 1e12), 4), "matmul_tflops": round(tflops),
         "loss_last5": round(sum(losses[-5:]) / len(losses[-5:]), 4),
-        "losses": [round(x, 4) for x in losses],
+        "losses": [round(x, 4) for x in losses], "load_s": round(load_s, 1),
         "steps": steps, "tokens_per_step": round(timed / (steps - WARMUP_STEPS)),
-        "seqs_per_step": None if opts.get("trl") else cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
         "packing": cfg.packing, "checkpointing": cfg.gradient_checkpointing, "liger": cfg.use_liger,
-        "optim": cfg.optim, "cap_gib": opts.get("cap_gib"), "embeddings_on_cpu": cfg.embeddings_on_cpu,
-        "pack_tokens": opts.get("pack_tokens"), **extra,
+        "optim": cfg.optim, "cap_gib": cap, "embeddings_on_cpu": cfg.embeddings_on_cpu,
+        "max_length": cfg.max_length, "pack_tokens": opts.get("pack_tokens"),
     }
 
 
@@ -264,7 +320,7 @@ def trl_trainer(model, tokenizer, ds, tutorial, cfg, opts, out):
         output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=1,
         max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, logging_steps=1, bf16=True,
         packing=True, packing_strategy="bfd", padding_free=True, max_length=opts["pack_tokens"],
-        gradient_checkpointing=cfg.gradient_checkpointing, use_liger_kernel=True,
+        gradient_checkpointing=False, use_liger_kernel=True,
         report_to="none", save_strategy="no", completion_only_loss=True, disable_tqdm=True,
     )
     ds = ds.map(lambda ex: {"completion_mask": [int(x != -100) for x in ex["labels"]]})
@@ -286,7 +342,7 @@ def check_varlen() -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
     seqs = [list(range(5, 5 + n)) for n in (37, 11, 64, 3)]
-    batch = training.collator(None, True)([{"input_ids": s, "labels": s} for s in seqs])
+    batch = training.collator(None, True)([{"input_ids": seqs, "labels": seqs}])  # one packed row
     batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         ref = torch.cat([model(input_ids=torch.tensor([s], device="cuda")).logits[0] for s in seqs])

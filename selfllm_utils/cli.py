@@ -57,21 +57,25 @@ def cached_models() -> list[str]:
 
 
 def fit_report(memory_gib: float | None) -> dict[str, str]:
-    """For each tutorial: does its course recipe fit this GPU, by memory.estimate_memory."""
+    """For each tutorial: the token budget its course recipe gets on this GPU, and why
+    (`memory.token_budget`, the same call the notebooks make), or why it does not fit."""
     from . import memory
 
     report = {}
     for t in registry.TUTORIALS.values():
         quant = "4bit" if t.key == "deepseek" else "bf16"  # notebook 01's default path
-        cfg = t.config
-        est = memory.estimate_memory(t, quant=quant, optimizer=cfg.optim, liger=cfg.use_liger,
-                                     gradient_checkpointing=cfg.gradient_checkpointing,
-                                     embeddings_on_cpu=cfg.embeddings_on_cpu)
+        least = memory.estimate_memory(t, quant, batch_tokens=t.config.max_length, optimizer=t.config.optim,
+                                       liger=t.config.use_liger, embeddings_on_cpu=t.config.embeddings_on_cpu)
         if memory_gib is None:
-            report[t.key] = f"no GPU: smoke mode only (the real recipe needs ~{est.total_gib:.0f} GiB, {quant})"
+            report[t.key] = (f"no GPU: smoke mode only (the real recipe needs at least "
+                             f"~{least.total_gib:.0f} GiB, {quant})")
+            continue
+        try:
+            budget = memory.token_budget(t, t.config, quant, gpu_gib=memory_gib)
+        except ValueError as err:
+            report[t.key] = f"does not fit: {err}"
         else:
-            verdict = "fits" if est.total_gib <= memory_gib else "does not fit"
-            report[t.key] = f"{verdict}: ~{est.total_gib:.1f} GiB needed ({quant}), {memory_gib} GiB here"
+            report[t.key] = f"fits ({quant}): {budget}"
     return report
 
 

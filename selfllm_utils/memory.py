@@ -37,8 +37,10 @@ weights, the course's `models.load_model` + `add_lora` + `training.make_trainer`
 0.1 GiB for 4-bit at 1k-4k tokens with and without checkpointing, and for bf16 at 1k tokens;
 bf16 with checkpointing at 4k tokens is over by 0.7 GiB (4%): there the logits and the layer
 recompute are not alive at the same time. With Liger the estimate is 1-10% high with
-checkpointing and ~40% high without: Liger's fused RMSNorm and SwiGLU also keep fewer
-activations, which is not modelled (the estimate errs on the safe side).
+checkpointing without it; Liger's fused RMSNorm and SwiGLU (and FastLora) keep fewer
+activations, modelled by LIGER_LAYER_FACTOR. `token_budget` turns the estimate around: the most tokens a
+micro-batch may hold on this card (benchmarks/train_speed.py prints its estimate beside each
+measured peak).
 
 ZeRO (DeepSpeed) divides per GPU: stage 1 the optimizer states, stage 2 also the gradients,
 stage 3 also the parameters (each GPU then gathers one layer, or the lm_head, at a time).
@@ -54,17 +56,23 @@ dequantised 4-bit weight, and DeepSpeed's communication buffers.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 
 from . import registry
-from .registry import Tutorial
+from .registry import TrainConfig, Tutorial
 
 GIB = 2**30
 OVERHEAD_GIB = 0.75  # CUDA context (~0.5 GiB) + cuBLAS workspace, measured by nvidia-smi, not torch
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # nf4 weight + 8-bit absmax per 64 + fp32 scale per 256 blocks
 LOGIT_BYTES = 12  # per logit entry: bf16 logits, fp32 copy, fp32 log-probs / their gradient
 LAYER_H_BYTES = {"bf16": 28, "4bit": 42}  # working set of one layer: LAYER_H_BYTES*h + 8*I a token
-TYPICAL_EXAMPLE_TOKENS = 100  # Chat-甄嬛 averages ~85 tokens an example with its system prompt
+DEFAULT_BATCH_TOKENS = 4096  # what `estimate_memory` assumes when no budget is given
+# The course's training path (Liger's fused RMSNorm/SwiGLU, training.FastLora) keeps fewer
+# activations a layer than the formula: 0.70 of it. From Qwen2-7B without checkpointing on an H100
+# (63.2 GiB allocated at 10,496 tokens, 2026-11-26); on one H200 (2026-12-01) the estimate is then
+# 0-4% above the measured peaks, with and without checkpointing, bf16 and 4-bit (tests/test_memory.py).
+LIGER_LAYER_FACTOR = 0.70
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_torch": 8, "adamw_torch_fused": 8,
                          "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
 QUANTS = ("bf16", "4bit")
@@ -130,6 +138,8 @@ def _activation_bytes(ref: dict, tokens: int, quant: str, checkpointing: bool,
         logits = min(chunk, tokens) * vocab * LOGIT_BYTES + tokens * h * 4
     else:
         logits = tokens * vocab * LOGIT_BYTES
+    layer *= LIGER_LAYER_FACTOR if liger else 1.0
+    # with checkpointing: the layer inputs, and one layer's working set while it is recomputed
     stored = layers * tokens * h * 2 + layer if checkpointing else layers * layer
     return stored + logits, logits
 
@@ -180,9 +190,8 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
     Args:
         tutorial: A registry Tutorial or its key ("deepseek", ...); its full-size shape is used.
         quant: "bf16" (LoRA) or "4bit" (QLoRA: nf4, double quantisation).
-        batch_tokens: Tokens in one micro-batch on one GPU, padding included. Default: the
-            tutorial's examples per batch times TYPICAL_EXAMPLE_TOKENS (packed Chat-甄嬛
-            batches); a padded batch counts batch size x its longest example.
+        batch_tokens: Tokens in one micro-batch on one GPU, padding included (a padded batch
+            counts batch size x its longest example). Default: DEFAULT_BATCH_TOKENS.
         lora_r: LoRA rank.
         gradient_checkpointing: Recompute activations in backward instead of keeping them.
         optimizer: A Trainer `optim` name (adamw_torch, paged_adamw_32bit, paged_adamw_8bit, ...).
@@ -213,7 +222,7 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
     if quant == "4bit" and zero_stage == 3:
         raise ValueError("4-bit weights with ZeRO-3 are not supported here; use zero_stage=2")
     ref = t.reference_config
-    tokens = batch_tokens or t.config.per_device_train_batch_size * TYPICAL_EXAMPLE_TOKENS
+    tokens = batch_tokens or DEFAULT_BATCH_TOKENS
     linear, other = base_param_counts(t)
     if quant == "4bit":
         weights = linear * NF4_BYTES + other * 2  # embeddings, lm_head bf16 (norms fp32: tiny)
@@ -265,3 +274,118 @@ def format_table(estimates: list[MemoryEstimate]) -> str:
     rows = [f"| {e.setting} | {e.weights_gib:.2f} | {e.lora_gib:.2f} | {e.optimizer_gib:.2f} | "
             f"{e.activations_gib:.2f} ({e.logits_gib:.2f}) | {e.total_gib:.2f} |" for e in estimates]
     return "\n".join([head, *rows])
+
+
+# token_budget: the largest micro-batch (a multiple of BUDGET_STEP tokens, at most
+# MAX_BATCH_TOKENS) whose estimated peak stays MARGIN below the memory this process may use;
+# checkpointing is left off only where that still gives AUTO_NO_CHECKPOINT_TOKENS or more.
+MARGIN = 0.05  # of the GPU's memory, for the allocator's fragmentation and the estimate's error
+BUDGET_STEP = 128
+MAX_BATCH_TOKENS = 16_384  # past this a step gains little speed and an epoch has few steps
+AUTO_NO_CHECKPOINT_TOKENS = 8_192
+
+
+def gpu_memory_gib() -> float | None:
+    """GPU memory this process may fill (free + what it already holds, within a per-process
+    cap such as `torch.cuda.set_per_process_memory_fraction`), or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+    return min(free + torch.cuda.memory_reserved(), total * fraction) / GIB
+
+
+@dataclass
+class TokenBudget:
+    """The chosen micro-batch size of a packed run, why, and the config that carries it."""
+
+    config: TrainConfig  # the input config with batch_tokens and gradient_checkpointing set
+    estimate: MemoryEstimate | None  # the estimated peak at that budget (None on a CPU)
+    gpu_gib: float | None  # the memory it was fitted to
+    reason: str
+
+    @property
+    def tokens(self) -> int | None:
+        return self.config.batch_tokens
+
+    def __str__(self) -> str:
+        size = f"{self.tokens:,} tokens a micro-batch" if self.tokens else "padded batches"
+        return f"batch_tokens: {size}, checkpointing {'on' if self.config.gradient_checkpointing else 'off'} ({self.reason})"
+
+
+def _largest_fit(t: Tutorial, usable: float, checkpointing: bool, **kw) -> int:
+    """The most tokens (a multiple of BUDGET_STEP, <= MAX_BATCH_TOKENS) whose estimated allocated
+    peak fits in `usable` GiB; 0 if not even BUDGET_STEP does. The estimate grows with tokens."""
+    def peak(n: int) -> float:
+        est = estimate_memory(t, batch_tokens=n, gradient_checkpointing=checkpointing, **kw)
+        return est.total_gib - est.overhead_gib  # the CUDA context is not in what torch may use
+
+    lo, hi = 0, MAX_BATCH_TOKENS // BUDGET_STEP
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if peak(mid * BUDGET_STEP) <= usable else (lo, mid - 1)
+    return lo * BUDGET_STEP
+
+
+def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16",
+                 gpu_gib: float | None = None, zero_stage: int = 0, num_gpus: int = 1,
+                 offload: bool = False) -> TokenBudget:
+    """The one reader of `cfg.batch_tokens`: how many tokens a packed micro-batch holds here.
+
+    Set by hand (`cfg.batch_tokens`), it is kept (with a warning if the estimate says it will
+    not fit). Otherwise, on a CPU, the fixed `registry.CPU_BATCH_TOKENS`; on a GPU, the largest
+    budget whose `estimate_memory` peak stays MARGIN below `gpu_gib` (default: what
+    `gpu_memory_gib` finds) for this model, quant, LoRA rank, optimizer and plan. The budget
+    always holds one example of `cfg.max_length` tokens, so no example is ever split. With
+    `cfg.gradient_checkpointing=None` checkpointing is switched on only where the card would
+    otherwise hold fewer than AUTO_NO_CHECKPOINT_TOKENS.
+
+    Raises:
+        ValueError: not even one `max_length` example fits, naming what to change.
+    """
+    t = registry.get(tutorial) if isinstance(tutorial, str) else tutorial
+    kw = dict(quant=quant, lora_r=cfg.lora_r, optimizer=cfg.optim, zero_stage=zero_stage,
+              num_gpus=num_gpus, offload=offload, liger=cfg.use_liger,
+              embeddings_on_cpu=cfg.embeddings_on_cpu)
+    gib = gpu_memory_gib() if gpu_gib is None else gpu_gib
+    if not cfg.packing:
+        return TokenBudget(cfg, None, gib, f"not packed: {cfg.per_device_train_batch_size} "
+                           "sequences a batch, padded to the longest")
+    ckpt = cfg.gradient_checkpointing
+
+    def chosen(tokens: int, checkpointing: bool, reason: str) -> TokenBudget:
+        new = dataclasses.replace(cfg, batch_tokens=tokens, gradient_checkpointing=checkpointing)
+        est = estimate_memory(t, batch_tokens=tokens, gradient_checkpointing=checkpointing, **kw)
+        return TokenBudget(new, est if gib is not None else None, gib, reason)
+
+    if cfg.batch_tokens:
+        by_hand = ("no GPU: the fixed CPU budget, registry.CPU_BATCH_TOKENS"
+                   if gib is None and cfg.batch_tokens == registry.CPU_BATCH_TOKENS else "set by hand")
+        found = chosen(cfg.batch_tokens, True if ckpt is None else ckpt, by_hand)
+        peak = found.estimate.total_gib - found.estimate.overhead_gib if found.estimate else 0.0
+        if gib is not None and peak > gib * (1 - MARGIN):
+            found.reason += f"; estimated peak {peak:.1f} GiB > {gib * (1 - MARGIN):.1f} GiB: may run out of memory"
+        return found
+    if gib is None:
+        return chosen(registry.CPU_BATCH_TOKENS, True if ckpt is None else ckpt,
+                      "no GPU: the fixed CPU budget, registry.CPU_BATCH_TOKENS")
+    usable = gib * (1 - MARGIN)
+    fits = {c: _largest_fit(t, usable, c, **kw) for c in ([False, True] if ckpt is None else [ckpt])}
+    if ckpt is None:
+        ckpt = fits[False] < min(AUTO_NO_CHECKPOINT_TOKENS, MAX_BATCH_TOKENS) or fits[False] < cfg.max_length
+        why = (f"without it only {fits[False]:,} would fit" if ckpt else "the card holds a full budget without it")
+    else:
+        why = "as set"
+    tokens = fits[ckpt]
+    if tokens < cfg.max_length:
+        need = estimate_memory(t, batch_tokens=cfg.max_length, gradient_checkpointing=True, **kw)
+        raise ValueError(
+            f"{t.key} ({quant}) does not fit {gib:.1f} GiB: one {cfg.max_length}-token example needs "
+            f"~{need.total_gib - need.overhead_gib:.1f} GiB with checkpointing; lower max_length"
+            + (", use 4-bit (QUANT = \"4bit\")" if quant == "bf16" else "") + " or a GPU with more memory")
+    found = chosen(tokens, ckpt, f"fitted to {gib:.1f} GiB with {MARGIN:.0%} kept free; checkpointing "
+                   f"{'on' if ckpt else 'off'}: {why}")
+    found.reason += f"; estimated peak {found.estimate.total_gib - found.estimate.overhead_gib:.1f} GiB"
+    return found

@@ -221,6 +221,9 @@ def add_lora(model, tutorial: Tutorial, cfg: TrainConfig):
     """
     from peft import get_peft_model
 
+    if cfg.gradient_checkpointing is None:
+        raise ValueError("cfg.gradient_checkpointing is None ('decide for this GPU'): resolve it "
+                         "first, cfg = memory.token_budget(T, cfg, quant).config, or set True/False")
     if cfg.embeddings_on_cpu:  # first: the hooks below go on the embedding module in use
         embeddings_to_cpu(model)
     if getattr(model, "is_loaded_in_4bit", False):

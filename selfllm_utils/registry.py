@@ -67,7 +67,13 @@ FAMILIES: dict[str, ChatFamily] = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training knobs of one run. Smoke and workshop runs are `dataclasses.replace` of these."""
+    """Training knobs of one run. Smoke and workshop runs are `dataclasses.replace` of these.
+
+    Packed runs (`packing=True`, the course's path) size a micro-batch by tokens, not sequences:
+    `batch_tokens` is the budget, and `memory.token_budget` is the one function that reads it
+    (None there means: fit it to this GPU's free memory). Checks its values on creation, so a
+    typo fails here, not forty lines into a training run.
+    """
 
     lora_r: int = 8  # rank of the update matrices
     lora_alpha: int = 32  # the update is scaled by alpha / r (4x here)
@@ -75,11 +81,14 @@ class TrainConfig:
     learning_rate: float = 1e-4
     num_train_epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
-    per_device_train_batch_size: int = 4  # sequences per step
-    gradient_accumulation_steps: int = 4
+    per_device_train_batch_size: int = 4  # sequences per micro-batch when not packing (the seeds)
+    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step
     max_length: int = 384  # tokens per example; the end token is never cut off
     packing: bool = False  # padding-free batches: sequences laid end to end, no pad tokens
-    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% slower
+    batch_tokens: int | None = None  # packed tokens per micro-batch; None: fitted to the GPU
+    # recompute activations in backward: less memory, ~30% slower; None: off when the card
+    # holds a full budget without it (memory.token_budget decides)
+    gradient_checkpointing: bool | None = True
     optim: str = "adamw_torch"
     logging_steps: int = 10
     save_steps: int = 100
@@ -88,14 +97,34 @@ class TrainConfig:
     use_liger: bool = False  # Liger's fused Triton kernels (GPU only): no full logits tensor
     embeddings_on_cpu: bool = False  # frozen input embeddings looked up on the CPU: frees their GPU memory
 
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, ok, rule in (
+            ("lora_r", self.lora_r >= 1, "at least 1"),
+            ("lora_alpha", self.lora_alpha > 0, "positive"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+            ("learning_rate", self.learning_rate > 0, "positive"),
+            ("num_train_epochs", self.num_train_epochs > 0 or self.max_steps > 0,
+             "positive (or max_steps > 0)"),
+            ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "at least 1"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "at least 1"),
+            ("max_length", self.max_length >= 2, "at least 2 (a prompt token and the end token)"),
+            ("batch_tokens", self.batch_tokens is None or self.batch_tokens >= 1, "None or at least 1"),
+            ("logging_steps", self.logging_steps >= 1, "at least 1"),
+            ("save_steps", self.save_steps >= 1, "at least 1"),
+            ("warmup_steps", self.warmup_steps >= 0, "0 or more"),
+        ) if not ok]
+        if problems:
+            raise ValueError("TrainConfig: " + "; ".join(problems))
+
 
 # The seeds' own settings (../shared/seeds): kept so a benchmark can run them side by side.
 SEED_QWEN2 = TrainConfig(lora_dropout=0.1)
-# The course default, sized for a 24 GB card: pack short chats into padding-free batches of
-# many sequences (~5k tokens), so the GPU multiplies real tokens instead of pad tokens; Liger's
-# fused loss never builds the [tokens x 152k vocab] logits; checkpointing keeps a 7B in 24 GB.
-COURSE = TrainConfig(per_device_train_batch_size=64, gradient_accumulation_steps=1,
-                     learning_rate=2e-4, packing=True, optim="adamw_torch_fused", use_liger=True)
+# The course default: short chats packed end to end into padding-free micro-batches of a token
+# budget fitted to the card (`memory.token_budget`), so the GPU multiplies real tokens instead of
+# pad tokens and a learner's longer chats do not run out of memory; Liger's fused loss never
+# builds the [tokens x 152k vocab] logits; checkpointing only where the card needs it.
+COURSE = TrainConfig(gradient_accumulation_steps=1, learning_rate=2e-4, packing=True,
+                     gradient_checkpointing=None, optim="adamw_torch_fused", use_liger=True)
 
 
 @dataclass(frozen=True)
@@ -147,10 +176,8 @@ TUTORIALS: dict[str, Tutorial] = {
             FAMILIES["deepseek"], LLAMA_LIKE_TARGETS, HUANHUAN_SYSTEM,
             TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=2,
                         lora_dropout=0.1, optim="paged_adamw_32bit"),
-            # with the embedding table in CPU memory, 32 sequences (~2.6k tokens) a step keep
-            # 4-bit DeepSeek-7B at 5.42 GiB reserved (H100 run, README): a 6 GB card
-            dataclasses.replace(COURSE, optim="paged_adamw_32bit", per_device_train_batch_size=32,
-                                embeddings_on_cpu=True),
+            # the embedding table in CPU memory frees 0.8 GB of a 6 GB card for tokens (README)
+            dataclasses.replace(COURSE, optim="paged_adamw_32bit", embeddings_on_cpu=True),
             SmokeModel("tiny", "llama", TINY), 6.91,
             {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
              "num_hidden_layers": 30, "num_attention_heads": 32, "num_key_value_heads": 32,
@@ -163,10 +190,9 @@ TUTORIALS: dict[str, Tutorial] = {
             FAMILIES["glm4"], GLM_TARGETS, "假设你是皇帝身边的女人--甄嬛。",
             TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=8,
                         learning_rate=1e-5, num_train_epochs=2, logging_steps=50, lora_dropout=0.1),
-            # 9.4 B bf16 weights take 18.8 GB; with the 1.2 GB embedding table in CPU memory and
-            # Liger's fused loss (training.liger_loss_for_glm), 64 sequences (~5k tokens) a step
-            # peak at 20.4 GiB reserved under a 24 GiB cap (README)
-            dataclasses.replace(COURSE, per_device_train_batch_size=64, embeddings_on_cpu=True),
+            # 9.4 B bf16 weights take 18.8 GB; the 1.2 GB embedding table in CPU memory and
+            # Liger's fused loss (training.liger_loss_for_glm) leave room for tokens on 24 GB
+            dataclasses.replace(COURSE, embeddings_on_cpu=True),
             SmokeModel("tiny", "glm", TINY), 9.40,
             {"model_type": "glm", "hidden_size": 4096, "intermediate_size": 13696,
              "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 2,
@@ -179,10 +205,10 @@ TUTORIALS: dict[str, Tutorial] = {
             "qwen2", 3, "Qwen2-7B-Instruct: your own assistant (LoRA) and a chat WebDemo",
             "03-qwen2-lora-assistant.ipynb", "qwen/Qwen2-7B-Instruct", "Qwen/Qwen2-7B-Instruct",
             FAMILIES["qwen2"], LLAMA_LIKE_TARGETS, None,
-            # its data is the 91-record identity set: 2 packed batches of 64 an epoch, so 3 epochs
-            # would be 6 steps; 20 give 40, about the seed's 39 (2 records x 100, 3 epochs).
-            # Not yet measured on the real 7B.
-            SEED_QWEN2, dataclasses.replace(COURSE, num_train_epochs=20), SmokeModel("gguf"), 7.62,
+            # its data is the 91-record identity set (~5.5k tokens): one or two micro-batches an
+            # epoch at a fitted budget, so 40 epochs give 40-80 steps, about the seed's 39 (2
+            # records x 100, 3 epochs). Not yet measured on the real 7B.
+            SEED_QWEN2, dataclasses.replace(COURSE, num_train_epochs=40), SmokeModel("gguf"), 7.62,
             {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
              "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
              "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
@@ -234,6 +260,11 @@ def get(key: str) -> Tutorial:
     return TUTORIALS[key]
 
 
+# The token budget on a CPU (smoke mode), where there is no GPU memory to fit: about 8 of
+# SmolLM2's identity chats (68 tokens each) a step, as the smoke recipe was tuned with.
+CPU_BATCH_TOKENS = 512
+
+
 def smoke_config(tutorial: Tutorial) -> TrainConfig:
     """The same recipe, shrunk to run in a minute or two on 2 CPU cores.
 
@@ -248,6 +279,8 @@ def smoke_config(tutorial: Tutorial) -> TrainConfig:
         # answered with the name and ended on <|im_end|> in all five
         max_steps=30, per_device_train_batch_size=8, gradient_accumulation_steps=1,
         max_length=256, logging_steps=1, save_steps=1000, optim="adamw_torch",
+        # what memory.token_budget picks on a CPU
+        batch_tokens=CPU_BATCH_TOKENS, gradient_checkpointing=True,
     )
 
 

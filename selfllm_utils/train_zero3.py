@@ -33,7 +33,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback, set_seed
 
-from . import data, distributed, formatting, metrics, models, registry, training
+from . import data, distributed, formatting, memory, metrics, models, registry, training
 
 ADAPTER, RUN_INFO, PROBE = "adapter", "run_info.json", "probe.pt"
 
@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offload", action="store_true", help="optimizer state and weights in CPU RAM")
     p.add_argument("--quant", default="bf16", choices=("bf16", "4bit"))
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: the config's)")
+    p.add_argument("--batch-tokens", type=int, help="tokens a packed micro-batch holds on each GPU "
+                   "(default: fitted to the GPU by memory.token_budget)")
     p.add_argument("--eval-steps", type=int, help="evaluate and save every N steps")
     p.add_argument("--logging-steps", type=int, help="log the loss every N steps")
     p.add_argument("--warmup-steps", type=int, help="learning-rate warm-up steps")
@@ -77,6 +79,8 @@ def run_config(args: argparse.Namespace, smoke: bool) -> registry.TrainConfig:
         changes["warmup_steps"] = args.warmup_steps
     if args.gradient_checkpointing is not None:
         changes["gradient_checkpointing"] = args.gradient_checkpointing
+    if args.batch_tokens:
+        changes["batch_tokens"] = args.batch_tokens
     return dataclasses.replace(cfg, **changes)
 
 
@@ -94,7 +98,7 @@ def eval_settings(cfg: registry.TrainConfig, eval_steps: int | None) -> dict:
                            else cfg.save_steps)
     return dict(eval_strategy="steps", eval_steps=steps, save_strategy="steps", save_steps=steps,
                 load_best_model_at_end=True, metric_for_best_model="accuracy",
-                greater_is_better=True, per_device_eval_batch_size=cfg.per_device_train_batch_size)
+                greater_is_better=True)
 
 
 def load_splits(args: argparse.Namespace, tutorial: registry.Tutorial, tokenizer, smoke: bool,
@@ -117,10 +121,10 @@ def fingerprint(ids: list[int]) -> str:
 
 
 class RecordingCollator:
-    """Wraps the Trainer's collator and notes which training examples each batch held.
+    """Wraps the Trainer's collator and notes which training examples each micro-batch held.
 
     Evaluation batches (examples not in the train set) are not noted. `tokens` counts each
-    training batch's tokens (packed batches hold no padding), for tokens/s.
+    training micro-batch's tokens (packed micro-batches hold no padding), for tokens/s.
     """
 
     def __init__(self, collate, train_ds):
@@ -130,11 +134,18 @@ class RecordingCollator:
         self.tokens: list[int] = []
 
     def __call__(self, features):
-        prints = [fingerprint(f["input_ids"]) for f in features]
+        # a packed row (training.pack_dataset) holds several examples' ids
+        seqs = [ids for f in features
+                for ids in (f["input_ids"] if _nested(f["input_ids"]) else [f["input_ids"]])]
+        prints = [fingerprint(ids) for ids in seqs]
         if prints and all(p in self.train for p in prints):
             self.batches.append(prints)
-            self.tokens.append(sum(len(f["input_ids"]) for f in features))
+            self.tokens.append(sum(len(ids) for ids in seqs))
         return self.collate(features)
+
+
+def _nested(ids) -> bool:
+    return bool(ids) and isinstance(ids[0], list)
 
 
 class StopAt(TrainerCallback):
@@ -197,6 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     distributed.check_plan(args.quant, stage)
     if stage == 3:  # Liger's fused loss reads lm_head.weight directly, which ZeRO-3 leaves as an
         cfg = dataclasses.replace(cfg, use_liger=False)  # empty slice (trl#3368, trl#6372)
+    zero = (ds_config if isinstance(ds_config, dict) else json.loads(Path(ds_config).read_text()))["zero_optimization"]
+    budget = memory.token_budget(tutorial, cfg, args.quant, zero_stage=stage,
+                                 num_gpus=int(os.environ.get("WORLD_SIZE", "1")),
+                                 offload="offload_optimizer" in zero)
+    cfg = budget.config
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train_zero3: {budget}", flush=True)
     out = Path(args.output)
     # find (or build) the weights before any process group or DeepSpeed config exists: built under
     # either, the smoke model is saved by rank 0 only, or as empty slices. Download the real
@@ -232,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     info = {"tutorial": tutorial.key, "zero_stage": stage,
             "offload": "offload_optimizer" in used["zero_optimization"],
             "gradient_checkpointing": cfg.gradient_checkpointing, "resumed": resume,
+            "batch_tokens": cfg.batch_tokens, "budget": budget.reason,
             "loaded_partitioned": partitioned,
             "rope_buffers_put_back_to_fp32": trainer.rope_fix.fixed,  # training.fp32_rope
             "train_examples": len(train_ds), "eval_examples": len(eval_ds),

@@ -1,18 +1,22 @@
-"""Training with the library's own Trainer: arguments from the registry, the fast collator, a loss curve.
+"""Training with the library's own Trainer: arguments from the registry, token-budget packing, a loss curve.
 
 The seeds padded every batch to its longest example; for Chat-甄嬛 (82 tokens on average) most of
-the GPU's work was on pad tokens. The course's default lays the examples of a batch end to end
+the GPU's work was on pad tokens. The course lays examples end to end instead
 (`DataCollatorWithFlattening`): no pad tokens, and positions that restart per example keep them
-apart in attention (tested in tests/test_training.py).
+apart in attention (tested in tests/test_training.py). How many go into one micro-batch is a
+token budget (`TrainConfig.batch_tokens`, fitted to the card by `memory.token_budget`), not a
+count of sequences: a learner's longer chats then take more micro-batches, not more memory.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import importlib.util
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .registry import TrainConfig
 
@@ -36,8 +40,10 @@ def training_args(cfg: TrainConfig, output_dir: str | Path, **overrides):
     from transformers import TrainingArguments
 
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    per_device = 1 if cfg.packing else cfg.per_device_train_batch_size  # a packed row is a micro-batch
     kwargs = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=cfg.per_device_train_batch_size,
+        output_dir=str(output_dir), per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
@@ -52,17 +58,141 @@ def training_args(cfg: TrainConfig, output_dir: str | Path, **overrides):
 
 
 def collator(tokenizer, packing: bool):
-    """Padding-free flattening when packing, else padding to the longest of each batch.
-
-    The flattened batch carries each sequence's boundaries (`cu_seq_lens_q`), which the
-    variable-length attention below uses instead of a [tokens x tokens] mask.
-    """
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+    """`PackedCollator` for packed runs, else padding to the longest of each batch (the seeds')."""
+    from transformers import DataCollatorForSeq2Seq
 
     if packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100,
-                                          return_flash_attn_kwargs=True)
+        return PackedCollator()
     return DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True, label_pad_token_id=-100)
+
+
+class PackedCollator:
+    """Lays the examples of a packed row (`pack_dataset`: one micro-batch) end to end, no padding.
+
+    transformers' `DataCollatorWithFlattening` does the work; the batch carries each sequence's
+    boundaries (`cu_seq_lens_q`), which the variable-length attention below uses instead of a
+    [tokens x tokens] mask.
+    """
+
+    def __init__(self):
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100,
+                                                  return_flash_attn_kwargs=True)
+
+    def __call__(self, features: list[dict]) -> dict:
+        return self.flatten([{"input_ids": ids, "labels": labels} for f in features
+                             for ids, labels in zip(f["input_ids"], f["labels"])])
+
+
+def best_fit(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices grouped into micro-batches of at most `budget` tokens, by best fit decreasing.
+
+    Longest first, each sequence goes into the fullest micro-batch that still has room for it,
+    else starts a new one: micro-batches come out nearly full (few steps of small leftovers),
+    no sequence is split, and each index appears exactly once. A sequence longer than the
+    budget gets a micro-batch of its own.
+    """
+    bins: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, bin), sorted: the first that fits is the fullest
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        j = bisect.bisect_left(rooms, (n, -1))
+        if j < len(rooms):
+            room, b = rooms.pop(j)
+        else:
+            room, b = budget, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room - n > 0:
+            bisect.insort(rooms, (room - n, b))
+    return bins
+
+
+@dataclasses.dataclass
+class PackReport:
+    """What packing made of a dataset: how many micro-batches, how full they are."""
+
+    examples: int
+    micro_batches: int
+    tokens: int
+    budget: int
+    over_budget: int  # examples longer than the budget, each alone in its micro-batch
+
+    def __str__(self) -> str:
+        fill = self.tokens / max(1, self.micro_batches * self.budget)
+        line = (f"{self.examples} examples -> {self.micro_batches} micro-batches of at most "
+                f"{self.budget:,} tokens ({fill:.0%} full on average)")
+        if self.over_budget:
+            line += f"; {self.over_budget} example(s) longer than the budget, each alone"
+        return line
+
+
+def pack_dataset(ds, budget: int):
+    """Group a tokenized dataset into micro-batches of `budget` tokens; returns (dataset, report).
+
+    Each row of the result is one micro-batch: lists of the members' `input_ids` and `labels`.
+    The Trainer then takes one row a device a step (its sampler shuffles the rows each epoch),
+    so every example is seen exactly once an epoch.
+    """
+    import datasets
+    import pyarrow.compute as pc
+
+    lengths: list[int] = []
+    for batch in ds.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=10_000):
+        lengths += pc.list_value_length(batch["input_ids"]).to_pylist()
+    groups = best_fit(lengths, budget)
+
+    def gather(rows: dict) -> dict:
+        members = [ds[group] for group in rows["members"]]
+        return {"input_ids": [m["input_ids"] for m in members], "labels": [m["labels"] for m in members]}
+
+    packed = datasets.Dataset.from_dict({"members": groups}).map(
+        gather, batched=True, batch_size=64, remove_columns=["members"], desc="packing")
+    report = PackReport(len(lengths), len(groups), sum(lengths), budget,
+                        sum(n > budget for n in lengths))
+    return packed, report
+
+
+def _packed(ds) -> bool:
+    """Whether a dataset's rows are already micro-batches (`pack_dataset`'s output)."""
+    feature = ds.features["input_ids"]
+    return hasattr(feature, "feature") and hasattr(feature.feature, "feature")
+
+
+class OutOfMemory(RuntimeError):
+    """Ran out of GPU memory: one line that names the budget and what to change.
+
+    In a notebook IPython shows `_render_traceback_`'s lines instead of CUDA's 40-line traceback.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        tokens = cfg.batch_tokens
+        fixes = [f"cfg = dataclasses.replace(cfg, batch_tokens={tokens // 2})" if tokens else
+                 "lower per_device_train_batch_size"]
+        if not cfg.gradient_checkpointing:
+            fixes.append("gradient_checkpointing=True")
+        fixes.append(f"a shorter max_length (now {cfg.max_length})")
+        size = f"batch_tokens={tokens:,}" if tokens else f"{cfg.per_device_train_batch_size} sequences a batch"
+        super().__init__(f"out of GPU memory at {size}: set {' or '.join(fixes)}; "
+                         "close other notebooks holding a model (restart their kernels)")
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"OutOfMemory: {self}"]
+
+
+class CourseTrainer(Trainer):
+    """The library's Trainer; running out of GPU memory ends in one line (`OutOfMemory`)."""
+
+    course_cfg: TrainConfig
+
+    def train(self, *args, **kwargs):
+        import torch
+
+        try:
+            return super().train(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(self.course_cfg) from None
 
 
 VARLEN = "selfllm_varlen"
@@ -378,23 +508,33 @@ def make_trainer(model, tokenizer, train_ds, cfg: TrainConfig, output_dir: str |
     in fp32 under DeepSpeed's bf16 engine (`trainer.rope_fix`, see `fp32_rope`) and LoRA layers
     trained with one fused product (`trainer.fast_lora`, see `FastLora`).
 
+    Packed runs group the datasets into micro-batches of `cfg.batch_tokens` tokens first
+    (`pack_dataset`; `trainer.pack_report` says how); fit the budget with `memory.token_budget`.
     `args`: TrainingArguments built earlier (under ZeRO-3 they must exist before the model is
     loaded, so it loads already partitioned); otherwise built here from cfg and overrides.
     """
-    from transformers import Trainer
-
     import torch
 
+    pack_report = None
+    if cfg.packing:
+        if cfg.batch_tokens is None:
+            raise ValueError("cfg.batch_tokens is None: fit it to this GPU first, "
+                             "cfg = memory.token_budget(T, cfg, quant).config, or set it by hand")
+        if not _packed(train_ds):
+            train_ds, pack_report = pack_dataset(train_ds, cfg.batch_tokens)
+        if eval_ds is not None and not _packed(eval_ds):
+            eval_ds, _ = pack_dataset(eval_ds, cfg.batch_tokens)
     curve, rope, fast = LossCurve(), Fp32Rope(), FastLora()
     if cfg.packing and torch.cuda.is_available():
         use_varlen_attention(model)
     if liger_on(cfg):
         liger_loss_for_glm(model)
-    trainer = Trainer(
+    trainer = CourseTrainer(
         model=model, args=args or training_args(cfg, output_dir, **overrides), train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator(tokenizer, cfg.packing),
         processing_class=tokenizer, callbacks=[curve, rope, fast, *(callbacks or [])],
         compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
+    trainer.course_cfg, trainer.pack_report = cfg, pack_report
     trainer.loss_curve, trainer.rope_fix, trainer.fast_lora = curve, rope, fast
     return trainer

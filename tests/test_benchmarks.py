@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -26,34 +27,45 @@ def test_every_configuration_names_a_tutorial_and_a_quant(bench) -> None:
         assert name.startswith(key), name
         registry.get(key)
         assert quant in ("bf16", "4bit") and isinstance(cfg, registry.TrainConfig)
-        assert set(opts) <= {"trl", "pack_tokens", "cap_gib", "steps", "chat"}, name
+        assert set(opts) <= {"trl", "pack_tokens", "cap_gib", "steps", "mix", "padded_packs"}, name
+        assert opts["mix"] in bench.MIXES, name
         assert bool(opts.get("trl")) == ("pack_tokens" in opts), name
 
 
-def test_the_defaults_are_what_the_registry_says(bench) -> None:
-    for key in ("deepseek", "glm4"):
-        name = f"{key}-qlora-course" if key == "deepseek" else f"{key}-course-24g"
-        assert bench.CONFIGS[name][2] == registry.get(key).config
-    assert bench.CONFIGS["qwen2-course-24g"][2] == registry.get("qwen2").config
+@pytest.mark.parametrize("mix", ["chat", "alpaca", "long"])
+def test_the_defaults_are_what_a_learner_gets(bench, mix: str) -> None:
+    """The course's rows run the registry's config, with only max_length raised for long data:
+    the budget is left to memory.token_budget, as in a notebook."""
+    for name, key in ((f"deepseek-qlora-course-{mix}", "deepseek"), (f"glm4-course-24g-{mix}", "glm4"),
+                      (f"qwen2-course-24g-{mix}", "qwen2"), (f"qwen2-course-{mix}", "qwen2")):
+        cfg = bench.CONFIGS[name][2]
+        assert cfg == dataclasses.replace(registry.get(key).config, max_length=bench.MIXES[mix][2]), name
+        assert cfg.batch_tokens is None and cfg.gradient_checkpointing is None
+    assert bench.CONFIGS[f"qwen2-course-24g-{mix}"][3]["cap_gib"] == 24
+    assert bench.CONFIGS[f"deepseek-qlora-course-{mix}"][3]["cap_gib"] == 5.5
+    assert any(bench.CONFIGS[n][3].get("trl") for n in bench.CONFIGS if n.endswith(f"-{mix}"))
 
 
-@pytest.mark.parametrize("key", ["qwen2", "deepseek-qlora"])
-def test_same_data_pairs_differ_only_in_the_path(bench, key: str) -> None:
-    """Same sequences a step, learning rate, rank, dropout and optimizer: losses must agree."""
-    seed, course = bench.CONFIGS[f"{key}-seed-same"][2], bench.CONFIGS[f"{key}-course-same"][2]
-    steps = [c.per_device_train_batch_size * c.gradient_accumulation_steps for c in (seed, course)]
-    assert steps[0] == steps[1]
-    for field in ("learning_rate", "lora_r", "lora_alpha", "lora_dropout", "optim", "seed", "warmup_steps"):
-        assert getattr(seed, field) == getattr(course, field), field
-    assert not seed.packing and course.packing
+@pytest.mark.parametrize("mix", ["chat", "alpaca", "long"])
+def test_length_mixes_have_their_means_and_tails(bench, mix: str) -> None:
+    mean, longest, max_length = bench.MIXES[mix]
+    totals = [p + a for p, a in bench.mix_lengths(mix, 4000)]
+    assert abs(sum(totals) / len(totals) - mean) < 0.15 * mean
+    assert max(totals) <= max(longest, max_length) and min(totals) >= 2
+    if mix == "long":
+        assert max(totals) == longest and sum(t >= 1000 for t in totals) > 0.25 * len(totals)
 
 
-def test_same_data_check_reports_the_largest_step_gap(bench) -> None:
-    check = bench.same_data_check("a", "b", [2.0, 1.5, 1.0], [2.0, 1.4, 1.05])
-    assert check["max_abs_diff"] == pytest.approx(0.1) and check["mean_abs_diff"] == pytest.approx(0.05)
+def test_padded_packs_pad_the_course_packs(bench, smoke_models) -> None:
+    """The seed side of a quality pair: the same sequences a step, padded to the longest."""
+    import datasets
 
+    from selfllm_utils import training
 
-def test_list_runs_without_a_gpu() -> None:
-    out = subprocess.run([sys.executable, str(PATH), "--list"], capture_output=True, text=True,
-                         check=True, timeout=120).stdout.split()
-    assert "qwen2-course" in out and "qwen2-trl-8192" in out
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (7, 3, 5, 9)]
+    packed, _ = training.pack_dataset(datasets.Dataset.from_list(rows), 12)
+    counts: list[int] = []
+    collate = bench.counting(bench.padded_packs(smoke_models.tokenizer("deepseek")), counts)
+    batch = collate([packed[0]])
+    assert batch["input_ids"].shape[0] == len(packed[0]["input_ids"]) > 1
+    assert counts == [sum(len(ids) for ids in packed[0]["input_ids"])]  # real tokens, not pads

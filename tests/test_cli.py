@@ -20,11 +20,17 @@ def test_doctor_json_is_one_parsable_line(capsys):
 
 
 def test_doctor_says_what_fits_a_24_gb_card():
+    from selfllm_utils import memory
+
     report = cli.fit_report(24.0)
-    assert report["deepseek"].startswith("fits")  # QLoRA
-    assert report["qwen2"].startswith("fits")  # measured 17.7 GiB reserved on H100
+    assert report["deepseek"].startswith("fits (4bit)")  # QLoRA
+    assert report["qwen2"].startswith("fits (bf16)")  # measured 21.5 GiB reserved on an H200
+    budget = memory.token_budget("qwen2", registry.get("qwen2").config, gpu_gib=24.0)
+    assert str(budget) in report["qwen2"] and f"{budget.tokens:,} tokens" in report["qwen2"]
     assert report["qwen1.5"].startswith("does not fit")  # 14B bf16 weights alone are 28 GB
+    assert "lower max_length" in report["qwen1.5"]
     assert cli.fit_report(8.0)["qwen2"].startswith("does not fit")
+    assert all(v.startswith("no GPU") for v in cli.fit_report(None).values())
 
 
 def test_download_offline_is_one_line(monkeypatch):

@@ -204,8 +204,9 @@ def test_each_rank_trains_on_its_own_batches(run_info: dict) -> None:
     assert all(r["world_size"] == 2 for r in ranks)
     first = [set(r["batches"][0]) for r in ranks]
     assert first[0] and first[1] and not first[0] & first[1]
-    micro = registry.smoke_config(TUTORIAL).per_device_train_batch_size
-    assert run_info["train_batch_size"] == micro * 2  # DeepSpeed counted both ranks
+    # one packed micro-batch a rank (training.pack_dataset), accumulated: DeepSpeed counted both ranks
+    assert run_info["train_batch_size"] == run_info["gradient_accumulation_steps"] * 2
+    assert run_info["batch_tokens"] == registry.CPU_BATCH_TOKENS and "CPU" in run_info["budget"]
 
 
 def test_each_rank_counts_tokens_and_times_steps(run_info: dict) -> None:

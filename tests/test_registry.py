@@ -17,8 +17,10 @@ PARAMS_RTOL = 0.02
 # What a smoke config may shrink: sizes, steps, logging, and the optimiser (paged optimisers
 # need CUDA). Everything else (packing, checkpointing, LoRA alpha and dropout, seed) is the
 # recipe the learner runs on a GPU and must stay the same.
+# batch_tokens and gradient_checkpointing: what memory.token_budget decides on a CPU.
 SMOKE_SHRINKS = {"lora_r", "learning_rate", "max_steps", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps", "optim"}
+                 "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps", "optim",
+                 "batch_tokens", "gradient_checkpointing"}
 
 
 def test_tutorial_keys() -> None:
@@ -163,3 +165,22 @@ def test_home_honours_env(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_repo_root_holds_the_course() -> None:
     root = registry.repo_root()
     assert (root / "selfllm_utils" / "registry.py").exists() and (root / "dataset").is_dir()
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("per_device_train_batch_size", 0), ("learning_rate", -1e-4), ("learning_rate", 0.0),
+    ("gradient_accumulation_steps", 0), ("batch_tokens", 0), ("lora_r", 0), ("lora_dropout", 1.0),
+    ("max_length", 1), ("num_train_epochs", 0)])
+def test_train_config_refuses_bad_values_on_creation(field: str, value) -> None:
+    """A typo fails where it is made, naming the field, not as a ZeroDivisionError mid-run."""
+    with pytest.raises(ValueError, match=rf"TrainConfig: {field} must be"):
+        registry.TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(registry.COURSE, **{field: value})
+
+
+def test_train_config_accepts_the_registry_and_max_steps_without_epochs() -> None:
+    registry.TrainConfig(num_train_epochs=0, max_steps=10)
+    for t in registry.TUTORIALS.values():
+        assert t.config.packing and t.config.batch_tokens is None  # fitted to the card
+        registry.smoke_config(t)

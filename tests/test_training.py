@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+from transformers import DataCollatorForSeq2Seq
 
 from selfllm_utils import data, formatting, models, registry, smoke, training
 
@@ -72,8 +72,13 @@ def _grads(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _row(examples) -> dict:
+    """One packed row (training.pack_dataset's shape): a micro-batch of these examples."""
+    return {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
+
+
 def _packed_forward(model, tokenizer, examples):
-    batch = training.collator(tokenizer, packing=True)([dict(e) for e in examples])
+    batch = training.collator(tokenizer, packing=True)([_row(examples)])
     return batch, model(**batch)
 
 
@@ -92,7 +97,7 @@ def examples_of(identity_records):
 def test_packed_batch_layout(smoke_models, examples_of) -> None:
     tokenizer = smoke_models.tokenizer(KEY)
     examples = examples_of(tokenizer, registry.get(KEY).family)
-    batch = training.collator(tokenizer, packing=True)([dict(e) for e in examples])
+    batch = training.collator(tokenizer, packing=True)([_row(examples)])
     lengths = [len(e["input_ids"]) for e in examples]
     assert batch["input_ids"].shape == (1, sum(lengths))  # one row, no pad tokens
     assert "attention_mask" not in batch
@@ -159,8 +164,9 @@ def test_trainer_loss_falls_and_curve_is_saved(packing: bool, smoke_models, iden
     train_ds, _ = formatting.build_dataset(ds, tokenizer, tutorial, system="")
     trainer = training.make_trainer(models.add_lora(model, tutorial, cfg), tokenizer, train_ds, cfg,
                                     tmp_path, disable_tqdm=True)
-    expected = DataCollatorWithFlattening if packing else DataCollatorForSeq2Seq
+    expected = training.PackedCollator if packing else DataCollatorForSeq2Seq
     assert isinstance(trainer.data_collator, expected)
+    assert (trainer.pack_report is not None) == packing
     trainer.train()
     curve = trainer.loss_curve
     assert curve.steps == list(range(1, TRAIN_STEPS + 1))  # logging_steps=1 in smoke mode
@@ -281,3 +287,124 @@ def test_tokens_per_second_leaves_out_warmup_and_eval_gaps() -> None:
     assert training.tokens_per_second(info, accumulation=2) == pytest.approx(2 * 200 / 1.0)
     with pytest.raises(ValueError, match="too few"):
         training.tokens_per_second({"ranks": [{"tokens": [1] * 3, "step_times": [0, 1, 2]}]}, 1)
+
+
+# --- micro-batches sized by a token budget ---------------------------------------------------
+
+MIXED_LENGTHS = [5, 9, 37, 120, 300, 777, 1200, 2048, 4096, 64, 3000, 18]  # up to max_length 4096
+BUDGET = 4608
+
+
+@pytest.mark.parametrize("budget", [64, 512, 4096, 10_000])
+def test_best_fit_respects_the_budget_and_keeps_every_example_once(budget: int) -> None:
+    import random
+
+    rng = random.Random(budget)
+    lengths = [rng.randint(5, 4096) for _ in range(300)]
+    groups = training.best_fit(lengths, budget)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each exactly once
+    for group in groups:  # never over the budget, but for an example longer than it, alone
+        assert sum(lengths[i] for i in group) <= budget or len(group) == 1
+    assert all(len(g) == 1 for g in groups if sum(lengths[i] for i in g) > budget)
+    # best fit: no two micro-batches could have been one
+    totals = sorted(sum(lengths[i] for i in g) for g in groups)
+    assert len(totals) < 2 or totals[0] + totals[1] > budget
+
+
+def _mixed_examples(vocab: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for n in MIXED_LENGTHS:
+        ids = torch.randint(10, vocab, (n,), generator=gen).tolist()
+        prompt = max(1, n // 3)
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def test_budget_packed_micro_batches_equal_each_example_alone(smoke_models) -> None:
+    """Mixed lengths 5-4,096 packed by a budget: per-example loss and the LoRA gradients of the
+    whole epoch are those of running every example alone."""
+    model, tokenizer = _lora_model("qwen1.5", smoke_models, gradient_checkpointing=True)
+    examples = _mixed_examples(len(tokenizer))
+    packed, report = training.pack_dataset(datasets.Dataset.from_list(examples), BUDGET)
+    assert report.examples == len(examples) and report.micro_batches < len(examples)
+    collate = training.collator(tokenizer, packing=True)
+    packed_grads: dict[str, torch.Tensor] = {}
+    per_example: dict[int, float] = {}
+    for row in packed:
+        assert sum(len(ids) for ids in row["input_ids"]) <= BUDGET
+        batch = collate([row])
+        out = model(**batch)
+        n = sum(_n_targets({"labels": labels}) for labels in row["labels"])
+        for name, grad in _grads(model, out.loss * n).items():
+            packed_grads[name] = packed_grads.get(name, 0) + grad
+        offset = 0
+        for ids, labels in zip(row["input_ids"], row["labels"]):
+            span = slice(offset, offset + len(ids))
+            offset += len(ids)
+            per_example[MIXED_LENGTHS.index(len(ids))] = _token_losses(out.logits[0, span].detach(),
+                                                                      torch.tensor(labels)).item()
+    assert sorted(per_example) == list(range(len(examples)))
+    alone_grads: dict[str, torch.Tensor] = {}
+    for i, example in enumerate(examples):
+        ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
+        alone = model(input_ids=ids, labels=labels)
+        assert per_example[i] == pytest.approx(alone.loss.item(), abs=1e-4), MIXED_LENGTHS[i]
+        for name, grad in _grads(model, alone.loss * _n_targets(example)).items():
+            alone_grads[name] = alone_grads.get(name, 0) + grad
+    torch.testing.assert_close(packed_grads, alone_grads, rtol=GRAD_RTOL, atol=10 * GRAD_ATOL)
+
+
+def test_trainer_sees_each_example_once_an_epoch(smoke_models, identity_records, tmp_path) -> None:
+    tutorial = registry.get(KEY)
+    cfg = dataclasses.replace(registry.smoke_config(tutorial), max_steps=-1, num_train_epochs=1,
+                              batch_tokens=96, gradient_accumulation_steps=2)
+    model, tokenizer = smoke_models.model(KEY)
+    ds = datasets.Dataset.from_list(identity_records[:30], features=data.FEATURES)
+    train_ds, _ = formatting.build_dataset(ds, tokenizer, tutorial, system="")
+    trainer = training.make_trainer(models.add_lora(model, tutorial, cfg), tokenizer, train_ds, cfg,
+                                    tmp_path, disable_tqdm=True)
+    seen: list[tuple[int, ...]] = []
+    collate = trainer.data_collator
+
+    def recording(features):
+        for f in features:
+            seen.extend(tuple(ids) for ids in f["input_ids"])
+            assert sum(len(ids) for ids in f["input_ids"]) <= cfg.batch_tokens
+        return collate(features)
+
+    trainer.data_collator = recording
+    trainer.train()
+    assert sorted(seen) == sorted(tuple(ids) for ids in train_ds["input_ids"])
+    assert trainer.state.global_step == -(-trainer.pack_report.micro_batches // 2)  # accumulation 2
+
+
+def test_out_of_memory_is_one_line_naming_the_budget(smoke_models, identity_records, tmp_path,
+                                                     monkeypatch) -> None:
+    tutorial = registry.get(KEY)
+    cfg = registry.smoke_config(tutorial)
+    model, tokenizer = smoke_models.model(KEY)
+    ds = datasets.Dataset.from_list(identity_records[:4], features=data.FEATURES)
+    train_ds, _ = formatting.build_dataset(ds, tokenizer, tutorial, system="")
+    trainer = training.make_trainer(models.add_lora(model, tutorial, cfg), tokenizer, train_ds, cfg,
+                                    tmp_path, disable_tqdm=True)
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 86.00 MiB ...")
+
+    monkeypatch.setattr(trainer, "training_step", no_memory)
+    with pytest.raises(training.OutOfMemory) as err:
+        trainer.train()
+    message = str(err.value)
+    assert f"batch_tokens={cfg.batch_tokens:,}" in message and f"batch_tokens={cfg.batch_tokens // 2}" in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # CUDA's traceback hidden
+    assert err.value._render_traceback_() == [f"OutOfMemory: {message}"]  # what IPython shows
+
+
+def test_a_packed_run_needs_a_budget(smoke_models, identity_records, tmp_path) -> None:
+    tutorial = registry.get(KEY)
+    cfg = dataclasses.replace(registry.smoke_config(tutorial), batch_tokens=None)
+    model, tokenizer = smoke_models.model(KEY)
+    train_ds = datasets.Dataset.from_list([{"input_ids": [1, 2], "labels": [1, 2]}])
+    with pytest.raises(ValueError, match="memory.token_budget"):
+        training.make_trainer(model, tokenizer, train_ds, cfg, tmp_path)
