@@ -233,22 +233,23 @@ TUTORIALS: dict[str, Tutorial] = {
 }
 
 # Workshop presets: each tutorial's real training finished in about 10 minutes on one 24 GB GPU.
-# Minutes = one Chat-甄嬛 epoch (3,617 records x 82 tokens) x epochs / (README's H100 tokens/s
-# / 3.5), assuming an RTX 3090/4090 runs 3-4x slower than an H100 (not measured here); tested in
-# tests/test_workshop.py. Switch in a notebook with `cfg = registry.WORKSHOP[T.key]`.
+# Minutes = one Chat-甄嬛 epoch (3,617 records x 82 tokens) x epochs / (README's tokens/s / 3.5),
+# README's figures measured on one H200 (2026-12-01, the fitted token budget under a 24 GiB or
+# 5.5 GiB cap), assuming an RTX 3090/4090 runs 3-4x slower than a Hopper card (not measured here);
+# tested in tests/test_workshop.py. Switch in a notebook with `cfg = registry.WORKSHOP[T.key]`.
 WORKSHOP: dict[str, TrainConfig] = {
-    # 2 epochs instead of 3 at the measured 5,483 tokens/s: ~6.3 min (3 would be ~9.5, too close
-    # to the budget on a card slower than assumed). Gives up one pass over the data.
+    # 2 epochs instead of 3 at the measured 4,226 tokens/s (5.5 GiB cap): ~8.2 min (3 would be
+    # ~12). Gives up one pass over the data.
     "deepseek": dataclasses.replace(TUTORIALS["deepseek"].config, num_train_epochs=2),
-    # Unchanged, nothing given up: all 3 epochs at the measured 6,388 tokens/s take ~8.1 min.
+    # Unchanged, nothing given up: all 3 epochs at the measured 7,016 tokens/s take ~7.4 min.
     "glm4": dataclasses.replace(TUTORIALS["glm4"].config),
     # Unchanged, nothing given up: it trains on the 91-record identity set, not Chat-甄嬛; at
-    # most ~60 tokens a record, all its epochs at 9,743 tokens/s take about a minute or less.
+    # most ~60 tokens a record, all its epochs at 12,194 tokens/s take about a minute or less.
     "qwen2": dataclasses.replace(TUTORIALS["qwen2"].config),
     # 14B on 24 GB cards needs ZeRO-3 with --offload: 16-17 GiB allocated per GPU instead of
-    # 30-41 (README, measured on H200s). One GPU at 1,796 tokens/s: ~9.6 min an epoch on a
-    # consumer card, the edge; two (3,025) ~5.7 min. Gives up 2 epochs and answers over 256
-    # tokens (cut, end token kept): a demo of the method.
+    # 30-41 (README, measured on H200s, 2026-11-26). One GPU at 1,796 tokens/s: ~9.6 min an
+    # epoch on a consumer card, the edge; two (3,025) ~5.7 min. Gives up 2 epochs and answers
+    # over 256 tokens (cut, end token kept): a demo of the method.
     "qwen1.5": dataclasses.replace(TUTORIALS["qwen1.5"].config, num_train_epochs=1, max_length=256),
 }
 

@@ -24,17 +24,19 @@ HUANHUAN_RECORDS, HUANHUAN_MEAN_TOKENS = 3_617, 82
 # Template tokens around one identity record (ChatML markers, the default system prompt), an upper
 # bound: "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n..." is about 20 tokens.
 CHATML_OVERHEAD_TOKENS = 30
-# A 24 GB consumer card (RTX 3090/4090) against the README's H100 figures: an assumption (3-4x,
-# from their bf16 matmul rates), not a measurement.
+# A 24 GB consumer card (RTX 3090/4090) against the README's Hopper (H100/H200) figures: an
+# assumption (3-4x, from their bf16 matmul rates), not a measurement.
 CONSUMER_SLOWDOWN = 3.5
 WORKSHOP_MINUTES = 10.0
-# tokens/s for the recipe each preset uses (README's tables): one H100 (2026-11-26), except
-# qwen1.5: ZeRO-3 with offload on one GPU (an H200, 2026-11-26; Hopper like the H100).
-README_TOKENS_PER_S = {"deepseek": 5_483, "glm4": 6_388, "qwen2": 9_743, "qwen1.5": 1_796}
+# tokens/s for the recipe each preset uses (README's tables, Chat-甄嬛 lengths): one H200
+# (2026-12-01, the fitted token budget; QLoRA under 5.5 GiB, GLM-4 and Qwen2 under 24 GiB; GLM-4's
+# at its default budget was measured on long chats, the same speed as on Chat-甄嬛 in the other
+# run), except qwen1.5: ZeRO-3 with offload on one GPU (an H200, 2026-11-26).
+README_TOKENS_PER_S = {"deepseek": 4_226, "glm4": 7_016, "qwen2": 12_194, "qwen1.5": 1_796}
 # The knobs a preset may turn: how long it trains, how much a step holds. Never the model, the
 # LoRA targets, the rank or the learning rate: the lesson must stay the same.
 DURATION_FIELDS = {"num_train_epochs", "max_steps", "max_length", "per_device_train_batch_size",
-                   "gradient_accumulation_steps", "save_steps", "logging_steps"}
+                   "gradient_accumulation_steps", "save_steps", "logging_steps", "batch_tokens"}
 
 
 def _tokens_per_epoch(key: str) -> float:
