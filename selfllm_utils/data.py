@@ -311,7 +311,8 @@ def _from_chat(value: dict, key: str) -> dict[str, Any]:
     role_key, text_key = CHAT_FORMATS[key]
     turns = value[key]
     if not isinstance(turns, list) or not turns:
-        raise ValueError(f"field '{key}' must be a non-empty list of turns, got {_type_name(turns)}")
+        got = "an empty list" if turns == [] else _type_name(turns)
+        raise ValueError(f"field '{key}' must be a non-empty list of turns, got {got}")
     system, texts = value.get("system"), []
     for i, turn in enumerate(turns, start=1):
         where = f"field '{key}' item {i}"
