@@ -8,6 +8,9 @@ because silently losing data is the other classic fine-tuning surprise.
 
 Records may additionally carry an optional ``system`` prompt and a ``history`` of earlier
 ``[user, assistant]`` turns (the format LLaMA-Factory and the seeds' multi-turn examples use).
+A ShareGPT record (``conversations`` of ``{"from", "value"}`` turns) or an OpenAI-style one
+(``messages`` of ``{"role", "content"}``) is read into the same shape: its last answer becomes
+``output``, the turns before it ``history``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+
+from . import registry
 
 __all__ = [
     "DataError",
@@ -42,6 +47,26 @@ ON_ERROR_MODES: tuple[str, ...] = ("raise", "skip")
 HUANHUAN_ENV = "SELFLLM_HUANHUAN"
 
 _BOM = b"\xef\xbb\xbf"
+
+#: Every special token of the course's chat families. Text that spells one is read by the
+#: tokenizer as that token, so an answer containing ``<|im_end|>`` would train a stop id mid-answer.
+SPECIAL_TOKENS: tuple[str, ...] = tuple(sorted({
+    token
+    for family in registry.FAMILIES.values()
+    for token in (*family.special_tokens, *family.stop_tokens, family.bos_token)
+    if token
+}))
+
+#: Chat formats read into course records: the turn list's key, then the keys of role and text.
+CHAT_FORMATS: dict[str, tuple[str, str]] = {
+    "conversations": ("from", "value"),  # ShareGPT
+    "messages": ("role", "content"),  # OpenAI chat
+}
+
+#: Role names of those formats, mapped to the course's roles.
+CHAT_ROLES: dict[str, str] = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+}
 
 
 class DataError(ValueError):
@@ -85,7 +110,9 @@ class LoadReport:
         read: Number of records found in the file.
         kept: Number of records returned.
         skipped: ``(record number, reason)`` for every record not returned.
-        warnings: File-level remarks that did not drop anything (unknown keys, long records).
+        warnings: File-level remarks that did not drop anything (unknown keys, long records,
+            stripped answers).
+        stripped: Answers (``output`` or a history answer) whose surrounding whitespace was removed.
     """
 
     path: str
@@ -93,6 +120,7 @@ class LoadReport:
     kept: int
     skipped: list[tuple[int, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    stripped: int = 0
 
     def __str__(self) -> str:
         """Summarise in a few lines: totals, skip reasons grouped with counts, then warnings."""
@@ -217,6 +245,33 @@ def _check_string(record: dict, key: str, *, required: bool) -> str:
     return value
 
 
+def _check_text(value: str, where: str, *, nonempty: bool = False) -> None:
+    """Refuse text the tokenizer cannot take as plain words.
+
+    A lone surrogate (half of an emoji pair, e.g. ``"\\ud83d"``) cannot be encoded at all, and
+    pyarrow would fail on it later without naming the record; a spelled special token becomes
+    that token's id, so a stop token would sit inside the labels. ``where`` names the field.
+
+    Raises:
+        ValueError: with the problem text naming ``where``.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where} is not valid Unicode text: lone surrogate {ascii(value[err.start])[1:-1]} at "
+            f"character {err.start + 1} (half of an emoji?); fix or remove it"
+        ) from None
+    token = next((t for t in SPECIAL_TOKENS if t in value), None)
+    if token is not None:
+        raise ValueError(
+            f"{where} spells the special token {token}: the tokenizer would read it as that "
+            "token, not as text; remove or reword it"
+        )
+    if nonempty and not value.strip():
+        raise ValueError(f"{where} is empty: every turn needs text")
+
+
 def _check_history(value: Any) -> list[list[str]]:
     """Validate ``history``: a list of ``[user, assistant]`` string pairs (null means none).
 
@@ -238,35 +293,90 @@ def _check_history(value: Any) -> list[list[str]]:
             raise ValueError(
                 f"field 'history' item {i} must be a [user, assistant] pair of strings, got {got}"
             )
+        _check_text(pair[0], f"field 'history' item {i} (question)", nonempty=True)
+        _check_text(pair[1], f"field 'history' item {i} (answer)", nonempty=True)
         pairs.append([pair[0], pair[1]])
     return pairs
 
 
-def _normalise(value: Any) -> dict[str, Any]:
+def _from_chat(value: dict, key: str) -> dict[str, Any]:
+    """Read a ShareGPT / OpenAI-style record (``key`` holds its turns) as a course record.
+
+    An optional system turn first, then user and assistant turns in strict alternation, ending
+    with an answer: the last pair becomes instruction/output, the pairs before it the history.
+
+    Raises:
+        ValueError: with the problem text naming the turn (1-based) of field ``key``.
+    """
+    role_key, text_key = CHAT_FORMATS[key]
+    turns = value[key]
+    if not isinstance(turns, list) or not turns:
+        got = "an empty list" if turns == [] else _type_name(turns)
+        raise ValueError(f"field '{key}' must be a non-empty list of turns, got {got}")
+    system, texts = value.get("system"), []
+    for i, turn in enumerate(turns, start=1):
+        where = f"field '{key}' item {i}"
+        if not isinstance(turn, dict) or not all(
+            isinstance(turn.get(k), str) for k in (role_key, text_key)
+        ):
+            raise ValueError(f"{where} must be an object with string '{role_key}' and '{text_key}'")
+        role = CHAT_ROLES.get(turn[role_key])
+        if role == "system" and i == 1:
+            system = turn[text_key]
+            continue
+        expected = "user" if len(texts) % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"{where} is a {turn[role_key]!r} turn where a {expected} turn belongs "
+                             "(an optional system turn first, then user and assistant in turn)")
+        _check_text(turn[text_key], where, nonempty=True)
+        texts.append(turn[text_key])
+    if len(texts) % 2:
+        raise ValueError(f"field '{key}' ends with a user turn: the last turn must be the answer")
+    pairs = [texts[j : j + 2] for j in range(0, len(texts), 2)]
+    return {"instruction": pairs[-1][0], "output": pairs[-1][1], "system": system,
+            "history": pairs[:-1]}
+
+
+def _normalise(value: Any) -> tuple[dict[str, Any], int]:
     """Validate one record and return it with exactly the keys of ``RECORD_KEYS``.
 
     ``input`` defaults to "" and ``system`` to None (an empty system prompt counts as none), so
-    later code never has to ask whether a key exists.
+    later code never has to ask whether a key exists. Answers lose surrounding whitespace: a
+    tokenizer such as Qwen2's merges an answer's leading spaces or newlines with the template's
+    "assistant\\n", so the next turn's inference prompt would not tokenize like the trained prefix.
+
+    Returns:
+        The record and how many of its answers had whitespace stripped.
 
     Raises:
         ValueError: with the problem text; the caller adds file and record number.
     """
     if not isinstance(value, dict):
         raise ValueError(f"record must be a JSON object, got {_type_name(value)}")
-    instruction = _check_string(value, "instruction", required=True)
-    inp = _check_string(value, "input", required=False)
-    output = _check_string(value, "output", required=True)
-    if not output.strip():
-        raise ValueError("field 'output' is empty: the model would learn to answer nothing")
-    system = _check_string(value, "system", required=False)
-    history = _check_history(value.get("history"))
-    return {
-        "instruction": instruction,
-        "input": inp,
-        "output": output,
-        "system": system or None,
-        "history": history,
+    chat = next((k for k in CHAT_FORMATS if k in value), None)
+    if chat and "instruction" not in value:
+        value = _from_chat(value, chat)
+    texts = {
+        key: _check_string(value, key, required=key in ("instruction", "output"))
+        for key in ("instruction", "input", "output", "system")
     }
+    for key, text in texts.items():
+        _check_text(text, f"field '{key}'")
+    if not texts["instruction"].strip():
+        raise ValueError("field 'instruction' is empty: the model would learn to answer no question "
+                         "('input' is only appended to the instruction)")
+    if not texts["output"].strip():
+        raise ValueError("field 'output' is empty: the model would learn to answer nothing")
+    history = _check_history(value.get("history"))
+    answers = [texts["output"]] + [pair[1] for pair in history]
+    stripped = sum(answer != answer.strip() for answer in answers)
+    return {
+        "instruction": texts["instruction"],
+        "input": texts["input"],
+        "output": texts["output"].strip(),
+        "system": texts["system"] or None,
+        "history": [[user, answer.strip()] for user, answer in history],
+    }, stripped
 
 
 def _field_of(problem: str) -> str | None:
@@ -321,7 +431,7 @@ def _collect(
     n_unknown = 0
     for number, value in items:
         try:
-            record = _normalise(value)
+            record, stripped = _normalise(value)
         except ValueError as err:
             if on_error == "raise":
                 unit = "line" if jsonl else "record"
@@ -335,7 +445,8 @@ def _collect(
             report.skipped.append((number, f"duplicate of record {first_seen[key]}"))
             continue
         first_seen.setdefault(key, number)
-        extra = set(value) - set(RECORD_KEYS)
+        report.stripped += stripped
+        extra = set(value) - set(RECORD_KEYS) - set(CHAT_FORMATS)
         unknown.update(extra)
         n_unknown += bool(extra)
         kept.append(record)
@@ -392,6 +503,11 @@ def load_records(
     )
     report.kept = len(kept)
     report.warnings = _summary_warnings(kept, unknown, n_unknown, max_chars)
+    if report.stripped:
+        report.warnings.append(
+            f"{report.stripped} answers began or ended with whitespace, stripped (Qwen2 would "
+            "tokenize a leading one differently at inference)"
+        )
     return kept, report
 
 

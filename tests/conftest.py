@@ -122,3 +122,41 @@ def trained(tmp_path_factory: pytest.TempPathFactory, identity_records: list[dic
     adapter = inference.save_adapter(peft_model, tokenizer, out / "adapter")
     return Trained(tutorial, peft_model, tokenizer, adapter, record["instruction"],
                    record["output"], trainer.loss_curve.losses)
+
+
+class _FakeServer:
+    """Stands in for `subprocess.Popen`: keeps the command line, starts nothing, exits at once."""
+
+    def __init__(self, commands: list[list[str]], cmd, *args, **kwargs) -> None:
+        commands.append(list(cmd))
+        self.returncode = 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+    def poll(self) -> int:
+        return 0
+
+    def terminate(self) -> None:
+        pass
+
+    kill = terminate
+
+
+@pytest.fixture
+def streamlit_address(monkeypatch: pytest.MonkeyPatch):
+    """Call a web-demo entry point; answer the `--server.address` it hands to streamlit.
+
+    `subprocess.Popen` is replaced, so no server starts: what is checked is the command line.
+    """
+    import functools
+    import subprocess
+
+    def launch(start) -> str:
+        commands: list[list[str]] = []
+        monkeypatch.setattr(subprocess, "Popen", functools.partial(_FakeServer, commands))
+        start()
+        (cmd,) = [c for c in commands if "streamlit" in " ".join(c)]
+        return cmd[cmd.index("--server.address") + 1]
+
+    return launch

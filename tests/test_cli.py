@@ -66,3 +66,9 @@ def test_cached_models_ignores_partial_folders(tmp_path, monkeypatch):
     assert cli.cached_models() == []  # no weights: a cut-off download
     (folder / "model.safetensors").write_bytes(b"x")
     assert cli.cached_models() == ["qwen2"]
+
+
+def test_webdemo_binds_127_0_0_1_by_default(streamlit_address, capsys):
+    assert streamlit_address(lambda: cli.main(["webdemo"])) == "127.0.0.1"
+    assert "127.0.0.1" in capsys.readouterr().out
+    assert streamlit_address(lambda: cli.main(["webdemo", "--address", "0.0.0.0"])) == "0.0.0.0"

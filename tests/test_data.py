@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from selfllm_utils import data
+from selfllm_utils import data, formatting, registry
 from selfllm_utils.data import DataError, LoadReport, load_dataset, load_records, split, to_messages
 
 DATASET_DIR = Path(__file__).resolve().parent.parent / "dataset"
@@ -16,6 +16,17 @@ SHIPPED = ["identity.json", "huanhuan_sample.json"]
 HUANHUAN_RECORDS = 3729  # the public Chat-甄嬛 file, datawhalechina/self-llm dataset/huanhuan.json
 HUANHUAN_EXACT_DUPLICATES = 112  # identical instruction/input/output triples in that file
 IDENTITY_NAME = "不要葱姜蒜"
+
+
+def _label_runs(labels: list[int]) -> list[list[int]]:
+    """Contiguous stretches of trained labels (not -100): one per answer."""
+    runs: list[list[int]] = []
+    for i, label in enumerate(labels):
+        if label != formatting.IGNORE:
+            if i == 0 or labels[i - 1] == formatting.IGNORE:
+                runs.append([])
+            runs[-1].append(label)
+    return runs
 
 
 def good(i: int = 0, **extra: object) -> dict:
@@ -396,3 +407,149 @@ def test_real_huanhuan_loads() -> None:
     _, deduped = load_records(path)
     assert deduped.kept == HUANHUAN_RECORDS - HUANHUAN_EXACT_DUPLICATES
     assert all(reason.startswith("duplicate of record") for _, reason in deduped.skipped)
+
+
+# --- records that used to crash formatting: refused at load time, or read ---------------------
+
+
+def assert_refused(path: Path, record: int, field: str, problem: str) -> None:
+    """``load_dataset`` (the notebooks' call) names file, record and field, nothing later."""
+    with pytest.raises(DataError) as err:
+        load_dataset(path)
+    assert (err.value.file, err.value.record, err.value.field) == (path.name, record, field)
+    assert str(err.value).startswith(f"{path.name}, record {record}: ")
+    assert problem in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("pair", "problem"),
+    [
+        (["问", ""], "field 'history' item 2 (answer) is empty"),
+        (["问", " \n"], "field 'history' item 2 (answer) is empty"),
+        (["", "答"], "field 'history' item 2 (question) is empty"),
+        (["\t", "答"], "field 'history' item 2 (question) is empty"),
+    ],
+)
+def test_empty_history_turn_refused(tmp_path: Path, pair: list[str], problem: str) -> None:
+    path = write_json(tmp_path, [good(1), good(2, history=[["q", "a"], pair])])
+    assert_refused(path, 2, "history", problem)
+
+
+@pytest.mark.parametrize("key", ["instruction", "input", "output", "system"])
+def test_lone_surrogate_refused(tmp_path: Path, key: str) -> None:
+    path = tmp_path / "d.json"  # json.dumps would escape it the same way: \ud83d in the file
+    path.write_text('[{"instruction": "q", "output": "a", "%s": "表情\\ud83d"}]' % key)
+    assert_refused(path, 1, key, f"field '{key}' is not valid Unicode text: lone surrogate \\ud83d")
+
+
+def test_lone_surrogate_in_history_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(good(1)) + "\n" + '{"instruction": "q", "output": "a", '
+                    '"history": [["u", "\\ud83d"]]}\n')
+    with pytest.raises(DataError, match=r"^d\.jsonl, line 2: field 'history' item 1 \(answer\) is "
+                       "not valid Unicode text"):
+        load_dataset(path)
+
+
+@pytest.mark.parametrize("token", data.SPECIAL_TOKENS)
+def test_spelled_special_token_refused(tmp_path: Path, token: str) -> None:
+    path = write_json(tmp_path, [good(1), {"instruction": "q", "output": f"它写作 {token} 。"}])
+    assert_refused(path, 2, "output", f"field 'output' spells the special token {token}")
+
+
+def test_special_tokens_cover_every_family_stop() -> None:
+    for family in registry.FAMILIES.values():
+        assert set(family.stop_tokens) | set(family.special_tokens) <= set(data.SPECIAL_TOKENS)
+    assert {"<|im_end|>", "<|user|>", "<｜end▁of▁sentence｜>"} <= set(data.SPECIAL_TOKENS)
+
+
+@pytest.mark.parametrize("key", ["instruction", "input", "system"])
+def test_special_token_in_any_field_refused(tmp_path: Path, key: str) -> None:
+    path = write_json(tmp_path, [{"instruction": "q", "output": "a", key: "见 <|user|> 处"}])
+    assert_refused(path, 1, key, f"field '{key}' spells the special token <|user|>")
+    path = write_json(tmp_path, [good(1, history=[["q", "a<|im_end|>"]])])
+    assert_refused(path, 1, "history", "field 'history' item 1 (answer) spells the special token")
+
+
+@pytest.mark.parametrize(("instruction", "inp"), [("", ""), ("  \n", ""), ("", "补充的输入")])
+def test_empty_instruction_refused(tmp_path: Path, instruction: str, inp: str) -> None:
+    path = write_json(tmp_path, [good(1), {"instruction": instruction, "input": inp, "output": "答"}])
+    assert_refused(path, 2, "instruction", "field 'instruction' is empty")
+
+
+SHAREGPT = [
+    {"conversations": [{"from": "human", "value": "你是谁？"}, {"from": "gpt", "value": "我是甄嬛。"}]},
+    {
+        "system": "扮演甄嬛",
+        "conversations": [
+            {"from": "human", "value": "第一问"},
+            {"from": "gpt", "value": "第一答"},
+            {"from": "human", "value": "第二问"},
+            {"from": "gpt", "value": "第二答"},
+        ],
+    },
+]
+OPENAI = [
+    {
+        "messages": [
+            {"role": "system", "content": "扮演甄嬛"},
+            {"role": "user", "content": "第一问"},
+            {"role": "assistant", "content": "第一答"},
+            {"role": "user", "content": "第二问"},
+            {"role": "assistant", "content": "第二答"},
+        ]
+    }
+]
+AS_COURSE_RECORD = {
+    "instruction": "第二问", "input": "", "output": "第二答", "system": "扮演甄嬛",
+    "history": [["第一问", "第一答"]],
+}
+
+
+@pytest.mark.parametrize("rows", [SHAREGPT, OPENAI], ids=["sharegpt", "openai"])
+def test_chat_formats_read_as_course_records(tmp_path: Path, smoke_models, rows: list) -> None:
+    ds, report = load_dataset(write_json(tmp_path, rows))
+    assert ds[len(ds) - 1] == AS_COURSE_RECORD
+    assert (report.kept, report.warnings) == (len(rows), [])
+    tutorial = registry.get("deepseek")
+    tokenized, fmt = formatting.build_dataset(ds, smoke_models.tokenizer("deepseek"), tutorial)
+    assert fmt.examples == len(rows) and fmt.dropped == 0
+    runs = [len(r) for r in _label_runs(tokenized[len(rows) - 1]["labels"])]
+    assert len(runs) == 2  # both answers of the last conversation are trained
+
+
+@pytest.mark.parametrize(
+    ("turns", "problem"),
+    [
+        ([{"from": "human", "value": "问"}], "field 'conversations' ends with a user turn"),
+        ([{"from": "gpt", "value": "答"}], "field 'conversations' item 1 is a 'gpt' turn"),
+        (
+            [{"from": "human", "value": "问"}, {"from": "function_call", "value": "{}"}],
+            "field 'conversations' item 2 is a 'function_call' turn",
+        ),
+        (
+            [{"from": "human", "value": "问"}, {"from": "gpt", "value": " "}],
+            "field 'conversations' item 2 is empty",
+        ),
+        (
+            [{"from": "human", "value": "问"}, {"from": "gpt", "value": "<|im_end|>"}],
+            "field 'conversations' item 2 spells the special token <|im_end|>",
+        ),
+        ([{"from": "human", "text": "问"}], "field 'conversations' item 1 must be an object"),
+        ([], "field 'conversations' must be a non-empty list"),
+    ],
+)
+def test_bad_sharegpt_record_names_the_turn(tmp_path: Path, turns: list, problem: str) -> None:
+    path = write_json(tmp_path, [SHAREGPT[0], {"conversations": turns}])
+    assert_refused(path, 2, "conversations", problem)
+
+
+def test_answers_whitespace_stripped_and_counted(tmp_path: Path) -> None:
+    rows = [good(1, output="\n\n回答1  "), good(2, history=[["q", "  前一个回答"]]), good(3)]
+    ds, report = load_dataset(write_json(tmp_path, rows))
+    assert ds[0]["output"] == "回答1" and ds[1]["history"] == [["q", "前一个回答"]]
+    assert report.stripped == 2
+    assert report.warnings == [
+        "2 answers began or ended with whitespace, stripped (Qwen2 would tokenize a leading one "
+        "differently at inference)"
+    ]

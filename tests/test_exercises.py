@@ -90,3 +90,60 @@ def test_checkers_never_raise_on_odd_answers(value, capsys: pytest.CaptureFixtur
     assert exercises.check_glm4_targets(glm["tokenizer"], glm["T"], value) is False
     assert exercises.check_zero3_row(qwen, value, value) is False
     assert exercises.check_zero3_save_key(value) is False
+
+
+def _lora_truth(rank: int) -> int:
+    return memory.lora_param_count(registry.get("deepseek"), rank)
+
+
+COURSE_R = registry.get("deepseek").config.lora_r
+# Answers a learner plausibly gives that are wrong: each must get "not yet".
+WRONG_ANSWERS = {
+    "qwen2-base-eos": lambda c: exercises.check_end_of_answer(c["tokenizer"], c["T"].family,
+                                                              "<|endoftext|>"),
+    "qwen2-chatml-start": lambda c: exercises.check_end_of_answer(c["tokenizer"], c["T"].family,
+                                                                  "<|im_start|>"),
+    "glm4-end-of-text": lambda c: exercises.check_glm4_mid_stop(c["tokenizer"], c["T"].family,
+                                                                "<|endoftext|>"),
+    "glm4-observation": lambda c: exercises.check_glm4_mid_stop(c["tokenizer"], c["T"].family,
+                                                                " <|observation|> "),
+    "glm4-assistant": lambda c: exercises.check_glm4_mid_stop(c["tokenizer"], c["T"].family,
+                                                              "<|assistant|>"),
+    "lora-90%-low": lambda c: exercises.check_lora_rank(c["T"], 16, _lora_truth(16) * 0.1),
+    "lora-90%-high": lambda c: exercises.check_lora_rank(c["T"], 16, _lora_truth(16) * 1.9),
+    "lora-2%-off": lambda c: exercises.check_lora_rank(c["T"], 16, _lora_truth(16) * 1.02),
+    "lora-unchanged": lambda c: exercises.check_lora_rank(c["T"], 16, _lora_truth(COURSE_R)),
+    "lora-quadratic": lambda c: exercises.check_lora_rank(c["T"], 16, _lora_truth(COURSE_R) * 4),
+    "record-wrong-field": lambda c: exercises.check_rejected_record(
+        {"instruction": "你是谁？", "output": ""}, "instruction"),
+    "record-accepted": lambda c: exercises.check_rejected_record(
+        {"instruction": "你是谁？", "output": "甄嬛"}, "output"),
+    "glm4-two-answers": lambda c: exercises.check_glm4_targets(c["tokenizer"], c["T"], {
+        "instruction": "二", "output": "答二", "history": [["一", "答一"]]}),
+    "persona-old-name-kept": lambda c: exercises.check_new_persona(c["tokenizer"], c["T"], {
+        "instruction": "你是谁？", "output": "我是小葱，也叫不要葱姜蒜。"}, "不要葱姜蒜", "小葱"),
+    "zero3-wrong-fit": lambda c: exercises.check_zero3_row(
+        c["T"], memory.estimate_memory(c["T"], zero_stage=3, num_gpus=4),
+        not memory.estimate_memory(c["T"], zero_stage=3, num_gpus=4).total_gib <= 24),
+    "zero3-two-gpus": lambda c: exercises.check_zero3_row(
+        c["T"], memory.estimate_memory(c["T"], zero_stage=3, num_gpus=2), True),
+    "zero3-other-key": lambda c: exercises.check_zero3_save_key("stage3_prefetch_bucket_size"),
+}
+WRONG_CONTEXT = {"qwen2": "03", "glm4": "02", "lora": "01", "record": "01", "persona": "03",
+                 "zero3": "04"}
+
+
+@pytest.mark.parametrize("case", WRONG_ANSWERS)
+def test_plausible_wrong_answer_is_not_yet(case: str, capsys: pytest.CaptureFixture) -> None:
+    context = _context(WRONG_CONTEXT[case.split("-")[0]])
+    assert WRONG_ANSWERS[case](context) is False
+    assert exercises.NOT_YET in capsys.readouterr().out
+
+
+def test_checkers_read_the_truth_from_the_registry(capsys: pytest.CaptureFixture) -> None:
+    """The right answers, typed as a learner would, are the registry's facts."""
+    qwen, glm = _context("03"), _context("02")
+    assert exercises.check_end_of_answer(qwen["tokenizer"], qwen["T"].family,
+                                         qwen["T"].family.end_of_turn)
+    assert exercises.check_glm4_mid_stop(glm["tokenizer"], glm["T"].family, " <|user|>\n")
+    assert exercises.check_lora_rank(registry.get("deepseek"), 16, _lora_truth(COURSE_R) * 2)

@@ -7,6 +7,8 @@ truncation keeps the end token, and the prompt has the same ids at training and 
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
 
@@ -185,3 +187,21 @@ def test_conversation_without_answer_is_refused(setup) -> None:
     tutorial, tokenizer = setup
     with pytest.raises(ValueError, match="no assistant message"):
         formatting.split_turns(tokenizer, [{"role": "user", "content": "你好"}], tutorial.family)
+
+
+@pytest.mark.parametrize("earlier_answer", ["\n\n第一个回答。", "  第一个回答。", "第一个回答。  \n"])
+def test_next_turn_prompt_tokenizes_like_the_trained_prefix(tmp_path, smoke_models,
+                                                            earlier_answer: str) -> None:
+    """Qwen2's tokenizer merges an answer's leading whitespace with "assistant\\n": the loader
+    strips it, so the trained prefix is exactly what inference feeds for the next turn."""
+    tutorial, tokenizer = registry.get("qwen2"), smoke_models.tokenizer("qwen2")
+    record = {**HISTORY_RECORD, "history": [["第一个问题？", earlier_answer]]}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([record], ensure_ascii=False), encoding="utf-8")
+    ds, report = data.load_dataset(path)
+    assert report.stripped == 1
+    tokenized, _ = formatting.build_dataset(ds, tokenizer, tutorial, system="")
+    messages = data.to_messages(ds[0])
+    prompt = _ids(tokenizer, formatting.render(tokenizer, messages[:-1], add_generation_prompt=True))
+    assert tokenized[0]["input_ids"][: len(prompt)] == prompt
+    assert tokenized[0]["labels"][len(prompt) - 1] == IGNORE != tokenized[0]["labels"][len(prompt)]

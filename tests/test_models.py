@@ -59,12 +59,34 @@ def test_stop_ids_refuses_a_foreign_tokenizer(smoke_models, tokenizer_of: str, f
         models.stop_ids(tokenizer, registry.FAMILIES[family])
 
 
-@pytest.mark.parametrize("key", ["deepseek", "qwen1.5"])
+@pytest.mark.parametrize("key", list(registry.TUTORIALS))
 def test_stop_ids_of_own_family(smoke_models, key: str) -> None:
-    tokenizer = smoke_models.tokenizer(key)
+    """Every family's stop tokens (GLM-4 has three) become the loaded model's eos ids."""
     family = registry.get(key).family
+    model, tokenizer = smoke_models.model(key)
     ids = models.stop_ids(tokenizer, family)
+    assert len(set(ids)) == len(family.stop_tokens)
     assert tokenizer.convert_ids_to_tokens(ids) == list(family.stop_tokens)
+    assert model.generation_config.eos_token_id == ids
+
+
+# Serving lists also stop ChatML models on <|im_start|>; the course stops on <|im_end|>, which a
+# chat answer writes first, and <|endoftext|> (tests/test_formatting.py checks the template).
+SERVING_ONLY = {"<|im_start|>"}
+
+
+@pytest.mark.parametrize("key", list(registry.TUTORIALS))
+def test_stop_tokens_are_the_real_models_stop_ids(reference, key: str) -> None:
+    """The registry's stop tokens are the real tokenizers' and the serving stacks' stop ids."""
+    family = registry.get(key).family
+    ref = reference["models"][key]
+    serving = dict(zip(ref["serving_stop"]["stop"], ref["serving_stop"]["stop_token_ids"]))
+    assert set(family.stop_tokens) == set(serving) - SERVING_ONLY
+    real_ids = ref["special_tokens"]["ids"]
+    assert [real_ids[t] for t in family.stop_tokens] == [serving[t] for t in family.stop_tokens]
+    if key == "glm4":  # GLM-4's generation_config.json: eos_token_id [151329, 151336, 151338]
+        assert [real_ids[t] for t in family.stop_tokens] == \
+            registry.get(key).reference_config["eos_token_id"]
 
 
 # --- model folders and downloads -------------------------------------------------------------
@@ -151,19 +173,36 @@ def _check_lora_grads(peft_model) -> None:
 
 
 @pytest.mark.parametrize("quant", ["bf16", "4bit"])
-def test_add_lora_trains_with_gradient_checkpointing(smoke_models, quant: str) -> None:
-    """The recipe's checkpointing is on, and backward reaches the adapter.
+def test_add_lora_trains_with_gradient_checkpointing(smoke_models, monkeypatch, quant: str) -> None:
+    """The recipe's checkpointing is on, non-reentrant, with the embeddings' output requiring grad.
 
-    With transformers 5.24 and peft 0.21 both libraries already make the embeddings' output
-    require grad when checkpointing is on, so the seeds' error no longer reproduces by leaving
-    `enable_input_require_grads` out; this test guards add_lora against a regression anyway.
+    Reentrant checkpointing with a frozen base gives the seeds' "element 0 of tensors does not
+    require grad". transformers 5.24 and peft 0.21 call `enable_input_require_grads` themselves
+    when checkpointing is on, so a training step no longer shows a missing call: the arguments
+    are asserted directly (add_lora's own call, the use_reentrant flag of every checkpointed block).
     """
+    import inspect
+
     tutorial = registry.get(KEY)
     cfg = registry.smoke_config(tutorial)
     assert cfg.gradient_checkpointing
     model, tokenizer = smoke_models.model(KEY, quant=quant)
+    callers: list[str] = []
+    original = type(model).enable_input_require_grads
+
+    def spy(self):
+        callers.append(inspect.stack()[1].filename)
+        return original(self)
+
+    monkeypatch.setattr(type(model), "enable_input_require_grads", spy)
     peft_model = models.add_lora(model, tutorial, cfg)
-    assert peft_model.base_model.model.is_gradient_checkpointing
+    assert models.__file__ in callers  # add_lora (or prepare_4bit) asked for it, not only peft
+    base = peft_model.base_model.model
+    assert base.is_gradient_checkpointing
+    blocks = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert blocks and all(m._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+                          for m in blocks)
+    assert base.get_input_embeddings()(_batch(tokenizer)["input_ids"]).requires_grad
     assert peft_model.config.use_cache is False  # no KV cache in training (packing needs it off)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())

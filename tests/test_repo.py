@@ -65,10 +65,11 @@ def test_private_data_not_tracked() -> None:
 
 @pytest.mark.parametrize("key", list(registry.TUTORIALS))
 def test_registry_notebook_exists(key: str) -> None:
-    name = registry.get(key).notebook
-    if not (NOTEBOOKS / name).exists():
-        pytest.skip(f"notebooks/{name} is not written yet")
-    assert (NOTEBOOKS / name).is_file()
+    """Every tutorial's notebook is there, and it is that tutorial's: it loads `registry.get(key)`."""
+    path = NOTEBOOKS / registry.get(key).notebook
+    assert path.is_file(), f"registry names notebooks/{path.name}, which does not exist"
+    code = "\n".join(_source(c) for c in _code_cells(path))
+    assert f'registry.get("{key}")' in code, f"{path.name} does not load the {key} tutorial"
 
 
 def test_every_notebook_belongs_to_a_tutorial_or_is_numbered() -> None:
@@ -83,3 +84,21 @@ def test_notebooks_do_not_read_the_workplace_shared_folder():
         nb = json.loads(path.read_text(encoding="utf-8"))
         code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
         assert '"shared"' not in code and "../shared" not in code, path.name
+
+
+def test_ci_pins_every_lower_bound() -> None:
+    """.ci/run's pin script turns each `>=` bound of pyproject into `==` (torch excepted)."""
+    import re
+    import sys
+    import tomllib
+
+    script = re.search(r"<<'PINS'\n(.*?)\nPINS\n", CI_RUN.read_text(encoding="utf-8"), re.S)
+    assert script, ".ci/run has no PINS block"
+    out = subprocess.run([sys.executable, "-c", script[1]], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    pins = dict(line.split(";")[0].split("==") for line in out if line)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    bounds = dict(r.split(";")[0].strip().split(">=") for r in project["dependencies"])
+    del bounds["torch"]
+    assert bounds and {k: pins.get(k) for k in bounds} == bounds
+    assert pins["bitsandbytes"] and pins["deepspeed"] and pins["gguf"]

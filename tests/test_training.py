@@ -408,3 +408,71 @@ def test_a_packed_run_needs_a_budget(smoke_models, identity_records, tmp_path) -
     train_ds = datasets.Dataset.from_list([{"input_ids": [1, 2], "labels": [1, 2]}])
     with pytest.raises(ValueError, match="memory.token_budget"):
         training.make_trainer(model, tokenizer, train_ds, cfg, tmp_path)
+
+
+# --- guards: each fails when its mechanism is made a no-op -----------------------------------
+
+DROPOUT = 0.5  # large, so a skipped dropout changes the logits far beyond float noise
+
+
+def test_fast_lora_applies_dropout_like_peft(smoke_models) -> None:
+    """In train mode with dropout, the fused forward draws peft's masks from the same RNG."""
+    tutorial = registry.get(KEY)
+    cfg = dataclasses.replace(registry.smoke_config(tutorial), lora_dropout=DROPOUT)
+    model, tokenizer = smoke_models.model(KEY)
+    peft_model = models.add_lora(model, tutorial, cfg).train()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    ids = torch.tensor([tokenizer("请介绍一下你自己。我是不要葱姜蒜。")["input_ids"]])
+
+    def forward(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return peft_model(input_ids=ids).logits
+
+    ref = forward(7)
+    assert not torch.allclose(forward(8), ref, atol=1e-3)  # dropout is drawn: other seed, other logits
+    fast = training.FastLora()
+    fast.on_train_begin(None, None, None, model=peft_model)
+    assert fast.layers
+    try:
+        torch.testing.assert_close(forward(7), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        fast.on_train_end(None, None, None)
+
+
+def test_packed_cpu_attention_keeps_sequences_apart(smoke_models, examples_of) -> None:
+    """`varlen_attention` on the CPU (`_per_sequence`): each packed sequence's logits are its own."""
+    model, tokenizer = _lora_model(KEY, smoke_models, gradient_checkpointing=False)
+    training.use_varlen_attention(model)
+    examples = examples_of(tokenizer, registry.get(KEY).family)
+    with torch.no_grad():
+        batch, packed = _packed_forward(model, tokenizer, examples)
+        assert "cu_seq_lens_q" in batch  # the CPU fallback of varlen_attention is what runs
+        alone = torch.cat([model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
+                           for e in examples])
+    torch.testing.assert_close(packed.logits[0], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_fp32_rope_callback_restores_the_buffers(tmp_path, smoke_models) -> None:
+    """`Fp32Rope.on_train_begin` (registered by make_trainer) puts back fp32 `inv_freq`."""
+    from transformers import AutoModelForCausalLM
+
+    folder = smoke.model_dir(registry.get("qwen1.5"))
+    fresh = [m.inv_freq.clone() for m in AutoModelForCausalLM.from_pretrained(folder).modules()
+             if hasattr(m, "inv_freq")]
+    model = AutoModelForCausalLM.from_pretrained(folder).to(torch.bfloat16)  # as DeepSpeed's bf16
+    ds = datasets.Dataset.from_list([{"input_ids": [1, 2], "attention_mask": [1, 1],
+                                      "labels": [1, 2]}])
+    tutorial = registry.get("qwen1.5")
+    trainer = training.make_trainer(model, smoke_models.tokenizer("qwen1.5"), ds,
+                                    registry.smoke_config(tutorial), tmp_path, disable_tqdm=True)
+    callback = trainer.rope_fix
+    assert callback in trainer.callback_handler.callbacks
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
+    buffers = [m.inv_freq for m in model.modules() if hasattr(m, "inv_freq")]
+    assert callback.fixed == len(fresh) > 0
+    for buffer, expected in zip(buffers, fresh, strict=True):
+        assert buffer.dtype == torch.float32 and torch.equal(buffer, expected)

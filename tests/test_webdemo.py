@@ -227,3 +227,8 @@ def test_command_binds_locally_headless_without_usage_stats(tmp_path):
         webdemo.command("qwen3")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         webdemo.command(adapter=tmp_path)
+
+
+@pytest.mark.parametrize("entry", ["serve", "run"])
+def test_entry_points_bind_127_0_0_1_by_default(streamlit_address, entry):
+    assert streamlit_address(getattr(webdemo, entry)) == "127.0.0.1"
