@@ -46,11 +46,12 @@ def calls(monkeypatch) -> list[dict]:
     seen: list[dict] = []
     real = webdemo.generate
 
-    def spy(served, messages, max_new_tokens, temperature, top_p, timeout):
+    def spy(served, messages, max_new_tokens, temperature, top_p, timeout, first_timeout=None):
         call = {"served": served, "messages": messages, "max_new_tokens": max_new_tokens,
-                "temperature": temperature, "top_p": top_p, "timeout": timeout, "pieces": []}
+                "temperature": temperature, "top_p": top_p, "timeout": timeout,
+                "first_timeout": first_timeout, "pieces": []}
         seen.append(call)
-        for piece in real(served, messages, max_new_tokens, temperature, top_p, timeout):
+        for piece in real(served, messages, max_new_tokens, temperature, top_p, timeout, first_timeout):
             call["pieces"].append(piece)
             yield piece
 
@@ -66,7 +67,7 @@ def ask(at: AppTest, text: str) -> AppTest:
 
 def chat(at: AppTest) -> list[tuple[str, str]]:
     """(role, text) of every chat bubble on the page."""
-    return [(m.name, m.markdown[-1].value if len(m.markdown) else "") for m in at.chat_message]
+    return [(m.name, m.text[-1].value if len(m.text) else "") for m in at.chat_message]
 
 
 def history(at: AppTest) -> list[dict]:
