@@ -30,9 +30,18 @@ def _messages(question: str | list[dict[str, str]], system: str | None) -> list[
     return ([{"role": "system", "content": system}] if system else []) + list(question)
 
 
-def _inputs(model, tokenizer, messages: list[dict[str, str]]):
+def _inputs(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int):
+    """The prompt's tensors; past the model's context it is an error, not a garbled answer."""
+    formatting.check_messages(messages)
     text = formatting.render(tokenizer, messages, add_generation_prompt=True)
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    length = inputs["input_ids"].shape[1]
+    if limit and length + max_new_tokens > limit:
+        raise ValueError(f"the prompt is {length} tokens and max_new_tokens={max_new_tokens}: "
+                         f"past the model's context of {limit} tokens (max_position_embeddings); "
+                         "shorten the prompt or the history, or lower max_new_tokens")
+    return inputs.to(model.device)
 
 
 def _generate_kwargs(tokenizer, family: ChatFamily, max_new_tokens: int, **gen) -> dict:
@@ -49,10 +58,14 @@ def _generate_kwargs(tokenizer, family: ChatFamily, max_new_tokens: int, **gen) 
 
 def chat(model, tokenizer, question: str | list[dict[str, str]], family: ChatFamily,
          system: str | None = None, max_new_tokens: int = 256, **gen) -> Reply:
-    """Answer one question (or continue a message list); greedy unless temperature > 0."""
+    """Answer one question (or continue a message list); greedy unless temperature > 0.
+
+    A prompt that leaves no room for max_new_tokens in the model's context is a ValueError: past
+    it a model answers garbage (cutting the history is the caller's choice: webdemo.fit_context).
+    """
     import torch
 
-    inputs = _inputs(model, tokenizer, _messages(question, system))
+    inputs = _inputs(model, tokenizer, _messages(question, system), max_new_tokens)
     with torch.no_grad():
         out = model.generate(**inputs, **_generate_kwargs(tokenizer, family, max_new_tokens, **gen))
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -73,7 +86,7 @@ def stream_chat(model, tokenizer, question: str | list[dict[str, str]], family: 
     """
     from transformers import TextIteratorStreamer
 
-    inputs = _inputs(model, tokenizer, _messages(question, system))
+    inputs = _inputs(model, tokenizer, _messages(question, system), max_new_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
                                     timeout=timeout if first_token_timeout is None else first_token_timeout)
     kwargs = {**inputs, **_generate_kwargs(tokenizer, family, max_new_tokens, **gen), "streamer": streamer}

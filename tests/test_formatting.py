@@ -185,3 +185,15 @@ def test_conversation_without_answer_is_refused(setup) -> None:
     tutorial, tokenizer = setup
     with pytest.raises(ValueError, match="no assistant message"):
         formatting.split_turns(tokenizer, [{"role": "user", "content": "你好"}], tutorial.family)
+
+
+@pytest.mark.parametrize(("bad", "field"), [({"role": "asistant", "content": "答"}, "'role' is 'asistant'"),
+                                            ({"role": "assistant", "content": None}, "'content' is None"),
+                                            ({"role": "assistant"}, "'content' is None")])
+def test_a_misspelled_role_or_missing_content_names_the_message(setup, bad, field) -> None:
+    """A template skips a role it does not know: the turn would vanish from training, silently."""
+    tutorial, tokenizer = setup
+    messages = [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"},
+                {"role": "user", "content": "再问"}, bad]
+    with pytest.raises(ValueError, match=f"message 3.*field {field}"):
+        formatting.tokenize_messages(messages, tokenizer, tutorial.family)
