@@ -197,8 +197,12 @@ class Served:
 
     def names(self) -> tuple[str, str]:
         """(base, adapter) as visitors see them: folder names, never absolute paths."""
-        adapter = Path(self.adapter).name if self.adapter else NO_ADAPTER
-        return visible(self.base), adapter
+        if not self.adapter:
+            return visible(self.base), NO_ADAPTER
+        path = Path(self.adapter)
+        inside = path.is_relative_to(registry.repo_root())  # output/qwen2-assistant/adapter
+        return visible(self.base), str(path.relative_to(registry.repo_root()) if inside
+                                       else Path("...", *path.parts[-2:]))
 
     def context_limit(self, max_context: int | None = None) -> int:
         """Tokens of prompt + answer: the model's maximum, lowered by `--max-context`."""

@@ -1,32 +1,17 @@
 """`selfllm webdemo`: one line and a non-zero exit for a wrong setting, the server stopped with it.
 
-The argument tests call `cli.main` in-process: each fails before a server starts. One test starts
-the real command (a Streamlit server on a free port, no model loaded until a page asks) to check
-that it listens on 127.0.0.1 only and that SIGTERM stops its Streamlit child too.
+The tests call `cli.main` in-process: each fails before a server starts. The real command (its
+address, SIGTERM) is started in tests/test_webdemo_browser.py, with the other real servers.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from selfllm_utils import cli, registry, webdemo
-
-START_TIMEOUT = 90  # seconds for the server's health check on 2 busy cores
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def one_line_error(argv: list[str]) -> str:
@@ -95,49 +80,3 @@ def test_an_adapter_path_typed_in_notebooks_is_found_and_said(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert webdemo.find_adapter("output/qwen2-assistant/adapter") == saved.resolve()
     assert capsys.readouterr().out == ""  # found where typed: nothing to say
-
-
-def listening(port: int) -> set[str]:
-    """Local addresses (hex, as /proc/net/tcp writes them) with a socket listening on `port`."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.rsplit(":", 1)
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
-                found.add(address)
-    return found
-
-
-def test_the_command_binds_localhost_and_sigterm_stops_its_server(tmp_path):
-    if not sys.platform.startswith("linux"):
-        pytest.skip("reads /proc")
-    port = free_port()
-    log = (tmp_path / "cli.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "selfllm_utils.cli", "webdemo", "--tutorial",
-                             "deepseek", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "SELFLLM_SMOKE": "1"})
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "cli.log").read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.25)
-        else:
-            pytest.fail((tmp_path / "cli.log").read_text())
-        assert listening(port) == {"0100007F"}, listening(port)  # 127.0.0.1, nothing else
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        assert len(children) == 1
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=40) == 0
-        assert not Path(f"/proc/{children[0]}").exists()  # the Streamlit child is gone too
-        assert listening(port) == set()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
