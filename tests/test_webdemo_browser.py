@@ -190,9 +190,9 @@ def test_markup_in_a_message_fetches_nothing_and_draws_nothing(tiny_server, brow
     expect(page.get_by_test_id("stChatMessage")).to_have_count(2, timeout=ANSWER_TIMEOUT_MS)
     wait_idle(page)
     chat = page.get_by_test_id("stChatMessage")
-    assert MARKUP in messages(page)[0]  # shown as typed
-    assert chat.locator("img").count() == 0 and chat.locator(".katex").count() == 0
     assert elsewhere == []  # no image fetched, no usage statistics sent
+    assert chat.locator("img").count() == 0 and chat.locator(".katex").count() == 0
+    assert MARKUP in messages(page)[0]  # shown as typed
 
 
 def test_the_command_binds_localhost_and_sigterm_stops_its_server(tmp_path):
