@@ -2,7 +2,8 @@
 
     selfllm doctor [--json]          versions, GPU, smoke or real mode, which tutorials fit and why
     selfllm download <tutorial>|--all   real weights from ModelScope into the course cache
-    selfllm webdemo [--tutorial qwen2] [--adapter PATH] [--port N] [--address A]
+    selfllm webdemo [--tutorial qwen2] [--adapter PATH] [--port N] [--max-context N] [--timeout S]
+                    [--public [--address A] [--password]]   127.0.0.1 unless --public
 """
 
 from __future__ import annotations
@@ -116,6 +117,27 @@ def download(keys: list[str]) -> None:
         print(f"{key}: {tutorial.modelscope_id} -> {path}")
 
 
+def serve_demo(args: argparse.Namespace) -> int:
+    """`selfllm webdemo`: check everything first, then serve; a wrong setting is one line, not a
+    traceback. Relative adapter paths also work from notebooks/ (`webdemo.find_adapter`)."""
+    import getpass
+    import os
+
+    from . import webdemo
+
+    app_args = [f"--{name.replace('_', '-')}={value}" for name in
+                ("max_context", "timeout", "first_token_timeout")
+                if (value := getattr(args, name)) is not None]
+    address = "0.0.0.0" if args.public and args.address == webdemo.LOCAL else args.address
+    try:
+        if args.password:
+            os.environ[webdemo.PASSWORD_ENV] = getpass.getpass("password for the demo's visitors: ")
+        adapter = webdemo.find_adapter(args.adapter) if args.adapter else None
+        return webdemo.run(args.tutorial, adapter, args.port, address, args.public, app_args)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"selfllm webdemo: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="selfllm", description="self-llm fine-tuning course")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,7 +150,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tutorial", default="qwen2", choices=list(registry.TUTORIALS))
     p.add_argument("--adapter", help="a LoRA adapter folder saved by the course")
     p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--address", default="127.0.0.1", help="0.0.0.0 to serve a room (careful)")
+    p.add_argument("--public", action="store_true", help="let other machines in (0.0.0.0 unless "
+                   "--address): prints a warning; use --password or an SSH tunnel instead")
+    p.add_argument("--address", default="127.0.0.1", help="with --public: the address to bind")
+    p.add_argument("--password", action="store_true", help="ask for a password that visitors "
+                   "must type (or set SELFLLM_WEBDEMO_PASSWORD)")
+    p.add_argument("--max-context", type=int, help="token budget of prompt + answer")
+    p.add_argument("--timeout", type=float, help="seconds without a new token (default 60)")
+    p.add_argument("--first-token-timeout", type=float,
+                   help="seconds to wait for the first token (default: 600 on a CPU)")
     args = parser.parse_args(argv)
     if args.command == "doctor":
         doctor(as_json=args.json)
@@ -137,15 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("name a tutorial or pass --all")
         download(list(registry.TUTORIALS) if args.all else [args.tutorial])
     elif args.command == "webdemo":
-        from . import webdemo
-
-        proc = webdemo.serve(tutorial=args.tutorial, adapter=args.adapter, port=args.port,
-                             address=args.address)
-        print(f"chat demo on http://{args.address}:{args.port} (Ctrl-C stops it)")
-        try:
-            proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
+        sys.exit(serve_demo(args))
 
 
 if __name__ == "__main__":

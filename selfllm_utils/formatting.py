@@ -55,6 +55,27 @@ def split_turns(tokenizer, messages: list[dict[str, str]], family: ChatFamily) -
     return pieces
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: list[dict[str, str]]) -> None:
+    """One clear error naming the message and the field, before a chat template sees them.
+
+    Templates skip a role they do not know ("asistant": that turn would vanish from training)
+    and fail deep inside jinja on content that is not text.
+    """
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} is a {type(message).__name__}, not a dict with "
+                             "'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ValueError(f"message {i}: field 'role' is {role!r}, not one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i} ({role}): field 'content' is "
+                             f"{'None' if content is None else type(content).__name__}, not text")
+
+
 def tokenize_messages(messages: list[dict[str, str]], tokenizer, family: ChatFamily,
                       max_length: int | None = None) -> dict[str, list[int]]:
     """Token ids, attention mask and labels of one conversation.
@@ -63,6 +84,7 @@ def tokenize_messages(messages: list[dict[str, str]], tokenizer, family: ChatFam
     Over `max_length`, the last answer is cut but keeps its final (stop) token; a prompt that
     leaves no room for an answer gives empty lists, which `build_dataset` counts and drops.
     """
+    check_messages(messages)
     input_ids: list[int] = []
     labels: list[int] = []
     for text, is_target in split_turns(tokenizer, messages, family):

@@ -30,9 +30,18 @@ def _messages(question: str | list[dict[str, str]], system: str | None) -> list[
     return ([{"role": "system", "content": system}] if system else []) + list(question)
 
 
-def _inputs(model, tokenizer, messages: list[dict[str, str]]):
+def _inputs(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int):
+    """The prompt's tensors; past the model's context it is an error, not a garbled answer."""
+    formatting.check_messages(messages)
     text = formatting.render(tokenizer, messages, add_generation_prompt=True)
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    length = inputs["input_ids"].shape[1]
+    if limit and length + max_new_tokens > limit:
+        raise ValueError(f"the prompt is {length} tokens and max_new_tokens={max_new_tokens}: "
+                         f"past the model's context of {limit} tokens (max_position_embeddings); "
+                         "shorten the prompt or the history, or lower max_new_tokens")
+    return inputs.to(model.device)
 
 
 def _generate_kwargs(tokenizer, family: ChatFamily, max_new_tokens: int, **gen) -> dict:
@@ -49,10 +58,14 @@ def _generate_kwargs(tokenizer, family: ChatFamily, max_new_tokens: int, **gen) 
 
 def chat(model, tokenizer, question: str | list[dict[str, str]], family: ChatFamily,
          system: str | None = None, max_new_tokens: int = 256, **gen) -> Reply:
-    """Answer one question (or continue a message list); greedy unless temperature > 0."""
+    """Answer one question (or continue a message list); greedy unless temperature > 0.
+
+    A prompt that leaves no room for max_new_tokens in the model's context is a ValueError: past
+    it a model answers garbage (cutting the history is the caller's choice: webdemo.fit_context).
+    """
     import torch
 
-    inputs = _inputs(model, tokenizer, _messages(question, system))
+    inputs = _inputs(model, tokenizer, _messages(question, system), max_new_tokens)
     with torch.no_grad():
         out = model.generate(**inputs, **_generate_kwargs(tokenizer, family, max_new_tokens, **gen))
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -63,17 +76,19 @@ def chat(model, tokenizer, question: str | list[dict[str, str]], family: ChatFam
 
 def stream_chat(model, tokenizer, question: str | list[dict[str, str]], family: ChatFamily,
                 system: str | None = None, max_new_tokens: int = 256, timeout: float = 60.0,
-                **gen) -> Iterator[str]:
+                first_token_timeout: float | None = None, **gen) -> Iterator[str]:
     """Yield the answer piece by piece as it is generated (for a chat UI).
 
     `generate` runs in a thread and feeds a TextIteratorStreamer; its `timeout` ends a stalled
-    generation with `queue.Empty` instead of hanging the reader forever.
+    generation with `queue.Empty` instead of hanging the reader forever. The first piece may
+    take `first_token_timeout` (default: `timeout`): the model reads the whole prompt first,
+    which on a CPU takes far longer than one more token.
     """
     from transformers import TextIteratorStreamer
 
-    inputs = _inputs(model, tokenizer, _messages(question, system))
+    inputs = _inputs(model, tokenizer, _messages(question, system), max_new_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                    timeout=timeout)
+                                    timeout=timeout if first_token_timeout is None else first_token_timeout)
     kwargs = {**inputs, **_generate_kwargs(tokenizer, family, max_new_tokens, **gen), "streamer": streamer}
     errors: list[BaseException] = []
 
@@ -86,7 +101,9 @@ def stream_chat(model, tokenizer, question: str | list[dict[str, str]], family: 
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    yield from streamer
+    for piece in streamer:
+        streamer.timeout = timeout  # after the first piece, the usual wait between tokens
+        yield piece
     thread.join(timeout)
     if errors:
         raise errors[0]
@@ -101,13 +118,35 @@ def save_adapter(model, tokenizer, path: str | Path) -> Path:
     return path
 
 
+def check_adapter(path: str | Path) -> Path:
+    """The adapter folder, resolved, or one clear error before any model loads.
+
+    Checked here because peft, given a folder without weights, asks the Hugging Face Hub for a
+    repository named like the folder: someone else's weights could load without a word.
+    """
+    from transformers.utils.peft_utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
+
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: pass the adapter folder that "
+                                "inference.save_adapter wrote (notebook 03)")
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no adapter_config.json: not a LoRA adapter folder "
+                                "(notebook 03 saves one with inference.save_adapter)")
+    if not any((folder / name).is_file() for name in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)):
+        raise FileNotFoundError(f"{folder} has no {ADAPTER_SAFE_WEIGHTS_NAME}: the adapter's weights "
+                                "are missing (copy them too, or save the adapter again)")
+    return folder
+
+
 def load_adapter(tutorial: Tutorial, path: str | Path, quant: str = "bf16",
                  smoke_mode: bool | None = None, base: str | Path | None = None):
     """(model, tokenizer): the tutorial's base model (or the one in folder `base`) with a saved
-    adapter on top, for inference."""
+    adapter on top, for inference. Only local folders: no hub is ever asked (`check_adapter`)."""
     from peft import PeftModel
     from transformers import GenerationConfig
 
+    path = check_adapter(path)
     model, tokenizer = models.load_model(tutorial, quant=quant, smoke_mode=smoke_mode, path=base)
     model = PeftModel.from_pretrained(model, str(path))
     if (Path(path) / "generation_config.json").exists():

@@ -14,7 +14,9 @@ weights before launching (`selfllm download qwen1.5`): otherwise every process f
 
 Steps, as in the seed: records -> train/eval split -> chat template -> LoRA -> Trainer with
 evaluation (token accuracy) and the best checkpoint kept -> the adapter saved whole. `--resume`
-continues from the newest checkpoint in `--output`. Merging happens afterwards, in a plain
+continues from the newest complete checkpoint in `--output` (`checkpoints.plan`: a partial one is
+skipped, a finished run does nothing, a stranger's pickled DeepSpeed state needs
+`--trust-checkpoint`). Merging happens afterwards, in a plain
 process (`inference.merge_and_save`): under ZeRO-3 each process holds only slices of the weights.
 
 Besides checkpoints and `adapter/`, rank 0 writes `trainer_state.json`, `run_info.json` (what
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback, set_seed
 
-from . import data, distributed, formatting, memory, metrics, models, registry, training
+from . import checkpoints, data, distributed, formatting, memory, metrics, models, registry, training
 
 ADAPTER, RUN_INFO, PROBE = "adapter", "run_info.json", "probe.pt"
 
@@ -61,7 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, help="learning-rate warm-up steps")
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from the newest complete checkpoint in --output, or from the "
+                   "checkpoint-N (or run) folder given (checkpoints.plan)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow a checkpoint from outside "
+                   "--output: DeepSpeed unpickles it, and pickle can run any code")
+    p.add_argument("--fresh-optimizer", action="store_true", help="resume a checkpoint that lacks "
+                   "optimizer or scheduler state, starting them fresh (the losses will differ)")
     p.add_argument("--stop-at-step", type=int, help="stop after this step, as if interrupted")
     return p.parse_args(argv)
 
@@ -216,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"train_zero3: {budget}", flush=True)
     out = Path(args.output)
+    resume = plan_resume(args, out, cfg.max_steps)
+    if resume.finished:
+        return
     # find (or build) the weights before any process group or DeepSpeed config exists: built under
     # either, the smoke model is saved by rank 0 only, or as empty slices. Download the real
     # weights before launching (the notebook does): every rank would fetch them at once.
@@ -231,16 +242,15 @@ def main(argv: list[str] | None = None) -> None:
     partitioned = all(hasattr(p, "ds_id") for p in model.parameters())  # loaded under zero.Init
     train_ds, eval_ds = load_splits(args, tutorial, tokenizer, smoke, cfg.max_length)
     model = models.add_lora(model, tutorial, cfg)
-    clock = training.StepClock()
+    clock, restored = training.StepClock(), checkpoints.Restored(resume.checkpoint)
     trainer = training.make_trainer(
         model, tokenizer, train_ds, cfg, out, eval_ds=eval_ds, args=targs,
         compute_metrics=metrics.token_accuracy,
         preprocess_logits_for_metrics=metrics.preprocess_logits_for_metrics,
-        callbacks=[clock] + ([StopAt(args.stop_at_step)] if args.stop_at_step else []))
+        callbacks=[clock, restored] + ([StopAt(args.stop_at_step)] if args.stop_at_step else []))
     recorder = RecordingCollator(trainer.data_collator, train_ds)
     trainer.data_collator = recorder
-    resume = args.resume and any(out.glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
     # all ranks take part: ZeRO-3 gathers the slices (stage3_gather_16bit_weights_on_model_save)
     trainer.save_model(str(out / ADAPTER))
     trainer.save_state()
@@ -249,7 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     used = trainer.args.hf_deepspeed_config.config  # "auto" filled in by the Trainer
     info = {"tutorial": tutorial.key, "zero_stage": stage,
             "offload": "offload_optimizer" in used["zero_optimization"],
-            "gradient_checkpointing": cfg.gradient_checkpointing, "resumed": resume,
+            "gradient_checkpointing": cfg.gradient_checkpointing,
+            # what the Trainer restored (its step, optimizer, schedule, RNG), not what was asked
+            "resumed": restored.found["global_step"] > 0, "restored": restored.found,
             "batch_tokens": cfg.batch_tokens, "budget": budget.reason,
             "loaded_partitioned": partitioned,
             "rope_buffers_put_back_to_fp32": trainer.rope_fix.fixed,  # training.fp32_rope
@@ -261,6 +273,19 @@ def main(argv: list[str] | None = None) -> None:
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "model_dir": str(path)}
     write_run_files(trainer, out, recorder, clock, eval_ds[0], info)
+
+
+def plan_resume(args: argparse.Namespace, out: Path, max_steps: int) -> checkpoints.Resume:
+    """Where `--resume` continues (checked before any model loads); one line on rank 0 says it."""
+    if not args.resume:
+        return checkpoints.Resume(None)
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda line: None)
+    try:
+        return checkpoints.plan(out, max_steps, None if args.resume is True else args.resume,
+                                trust=args.trust_checkpoint, fresh_optimizer=args.fresh_optimizer,
+                                world_size=int(os.environ.get("WORLD_SIZE", "1")), say=say)
+    except checkpoints.CheckpointError as err:
+        raise SystemExit(f"train_zero3 --resume: {err}") from None
 
 
 def leave_process_group() -> None:

@@ -1,15 +1,20 @@
 """Chat in the browser with a tutorial's model, or with your own LoRA adapter (a Streamlit app).
 
-    streamlit run selfllm_utils/webdemo.py -- --tutorial qwen2 --adapter output/qwen2/adapter
-    selfllm webdemo --adapter output/qwen2/adapter        # the same, through `serve()`
+    selfllm webdemo --adapter output/qwen2-assistant/adapter      # through `run()`
+    streamlit run selfllm_utils/webdemo.py --server.address 127.0.0.1 \
+        --browser.gatherUsageStats false -- --tutorial qwen2 --adapter output/qwen2-assistant/adapter
 
 The seed's `chatBot.py`, grown for a course: the model is loaded once per server and shared by
 every browser session (`st.cache_resource`), each session keeps its own history
 (`st.session_state`), answers stream as they are generated, and the page says which base model
 and which adapter answer, so "after fine-tuning the demo answers as before" (self-llm#230) is
 seen at a glance. Prompts go through `inference.stream_chat`, hence through `formatting.render`,
-the chat template used in training. The server listens on 127.0.0.1 only: reach it through an
-SSH tunnel (`ssh -L 8501:127.0.0.1:8501 user@host`) rather than opening a port to the internet.
+the chat template used in training. The server listens on 127.0.0.1 only and sends Streamlit no
+usage statistics: reach it through an SSH tunnel (`ssh -L 8501:127.0.0.1:8501 user@host`).
+Serving other machines is `public=True` (`selfllm webdemo --public`): a printed warning, and a
+password page when SELFLLM_WEBDEMO_PASSWORD is set. Visitors see no absolute paths and no
+tracebacks (the terminal does), and every message is shown as plain text: a Markdown image, HTML
+or LaTeX in a question or an answer is neither fetched nor drawn.
 
 Streamlit runs this file as a script (`__main__`), so it imports the package absolutely and
 calls `page()` of the imported module: tests patch that module's `generate` to watch the model.
@@ -18,13 +23,18 @@ calls `page()` of the imported module: tests patch that module's `generate` to w
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
 import queue
+import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +46,9 @@ from selfllm_utils import formatting, inference, models, registry
 from selfllm_utils.registry import Tutorial
 
 ARGS_ENV = "SELFLLM_WEBDEMO_ARGS"  # app arguments for runs without a command line (AppTest)
+PASSWORD_ENV = "SELFLLM_WEBDEMO_PASSWORD"  # a password page when set (never on a command line)
+LOCAL = "127.0.0.1"
+FIRST_TOKEN_TIMEOUT_CPU = 600.0  # s: a long prompt's prefill on a CPU (the 7B) takes minutes
 FALLBACK_CONTEXT = 4096  # tokens, for a model whose config names no maximum length
 MAX_NEW_TOKENS_CAP = 2048  # upper end of the sidebar slider
 NO_ADAPTER = "no adapter: base model"
@@ -56,60 +69,119 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="token budget of prompt + answer (default: the model's maximum)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds without a new token before a generation is given up")
+    parser.add_argument("--first-token-timeout", type=float, default=None,
+                        help="seconds to wait for the first token (reading the prompt); default: "
+                        f"--timeout on a GPU, {FIRST_TOKEN_TIMEOUT_CPU:g} on a CPU")
     if argv is None:
         env = os.environ.get(ARGS_ENV)
         argv = shlex.split(env) if env is not None else sys.argv[1:]
     return parser.parse_args(list(argv))
 
 
-def check_adapter(adapter: str | Path) -> Path:
-    """The adapter folder, or a sentence saying why it is not one (before a model is loaded)."""
-    path = Path(adapter).expanduser().resolve()
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path} has no adapter_config.json: not a LoRA adapter folder "
-                                "(notebook 03 saves one with inference.save_adapter)")
-    return path
+check_adapter = inference.check_adapter  # the folder, or one clear error before a model loads
+
+
+def find_adapter(adapter: str | Path, say=print) -> Path:
+    """An adapter path as typed: relative to the current folder, else to notebooks/ (JupyterLab's
+    terminal opens there) or the repository (where the notebooks write output/); says which."""
+    path = Path(adapter).expanduser()
+    if path.is_absolute() or path.exists():
+        return check_adapter(path)
+    root = registry.repo_root()
+    tried = [Path.cwd() / path]
+    for base in (root / "notebooks", root):
+        candidate = base / path
+        if candidate.exists():
+            say(f"adapter: {path} is not in {Path.cwd()}; using {candidate.resolve()}")
+            return check_adapter(candidate)
+        tried.append(candidate)
+    raise FileNotFoundError(f"no adapter folder {path}: looked in " + ", ".join(map(str, tried)))
+
+
+def check_address(address: str, public: bool) -> None:
+    """Anything beyond this machine (0.0.0.0, a LAN address) only with `public`, asked for."""
+    if address not in (LOCAL, "localhost", "::1") and not public:
+        raise ValueError(f"--address {address} lets other machines reach the demo: pass --public "
+                         "to mean it (and set a password), or use an SSH tunnel to 127.0.0.1")
+
+
+def check_port(port: int, address: str = LOCAL) -> None:
+    """A port the server can bind, checked before it starts (Streamlit would exit later)."""
+    if not 0 < port < 65536:
+        raise ValueError(f"--port {port}: a port is a number from 1 to 65535")
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:
+        try:
+            sock.bind((address, port))
+        except OSError as err:
+            raise ValueError(f"--port {port} on {address} is not free ({err.strerror}): "
+                             "pick another, e.g. --port 8502") from None
 
 
 def command(tutorial: str = "qwen2", adapter: str | Path | None = None, port: int = 8501,
-            address: str = "127.0.0.1") -> list[str]:
+            address: str = LOCAL, public: bool = False, app_args: Sequence[str] = ()) -> list[str]:
     """The `streamlit run` command line of the demo.
 
     Headless (no browser is opened on a server), no usage statistics sent, no file watcher
-    (nothing to reload on a course machine), no "Deploy" button, and bound to `address`:
-    127.0.0.1 keeps the demo private to the machine; pass 0.0.0.0 only where a platform
-    forwards a port for you (AutoDL's custom service, for example).
+    (nothing to reload on a course machine), no "Deploy" button, no error details for visitors,
+    and bound to `address`: 127.0.0.1 keeps the demo private to the machine; another address
+    (0.0.0.0, where a platform forwards a port, AutoDL's custom service say) needs `public`.
+    `app_args` go to the app (`--max-context`, `--timeout`, `--first-token-timeout`).
     """
     registry.get(tutorial)  # an unknown tutorial fails here, not in the browser
-    app_args = ["--tutorial", tutorial]
+    check_address(address, public)
+    args = ["--tutorial", tutorial, *app_args]
     if adapter:
-        app_args += ["--adapter", str(check_adapter(adapter))]
+        args += ["--adapter", str(check_adapter(adapter))]
+    parse_args(args)  # a bad app argument fails here, not in the browser
     return [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()),
             "--server.address", address, "--server.port", str(port),
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal", "--", *app_args]
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal",
+            "--client.showErrorDetails", "none", "--", *args]
 
 
 def serve(tutorial: str = "qwen2", adapter: str | Path | None = None, port: int = 8501,
-          address: str = "127.0.0.1", **popen: Any) -> subprocess.Popen:
+          address: str = LOCAL, public: bool = False, app_args: Sequence[str] = (),
+          **popen: Any) -> subprocess.Popen:
     """Start the demo server in the background; the caller stops it (`terminate()`).
 
     `popen` goes to `subprocess.Popen` (a test redirects the server's log, sets its environment).
     """
-    return subprocess.Popen(command(tutorial, adapter, port, address), **popen)
+    return subprocess.Popen(command(tutorial, adapter, port, address, public, app_args), **popen)
 
 
 def run(tutorial: str = "qwen2", adapter: str | Path | None = None, port: int = 8501,
-        address: str = "127.0.0.1") -> int:
-    """Serve until Ctrl-C (what `selfllm webdemo` calls); returns the server's exit code."""
-    server = serve(tutorial, adapter, port, address)
+        address: str = LOCAL, public: bool = False, app_args: Sequence[str] = ()) -> int:
+    """Serve until Ctrl-C or SIGTERM (what `selfllm webdemo` calls); the server's exit code.
+
+    The server is stopped with this process: without the handler a SIGTERM would leave it
+    serving, re-parented to PID 1.
+    """
+    check_port(port, address)
+    server = serve(tutorial, adapter, port, address, public, app_args)
+    if public:
+        print(f"WARNING: the demo listens on {address}:{port}: anyone who can reach this machine "
+              "can use the model" + ("" if os.environ.get(PASSWORD_ENV) else
+                                      f"; set {PASSWORD_ENV} for a password page"), file=sys.stderr)
     print(f"WebDemo: http://{address}:{port}  (Ctrl-C stops it). On a remote machine, forward "
           f"the port from your laptop: ssh -L {port}:127.0.0.1:{port} user@host")
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         return server.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # asked to stop: not a failure
         server.terminate()
-        return server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)
@@ -120,13 +192,36 @@ class Served:
     model: Any
     tokenizer: Any
     base: str  # ModelScope id, or the smoke stand-in's folder
-    adapter: str | None  # adapter folder, None for the base model
+    adapter: str | None  # adapter folder, None for the base model (the page shows its name only)
     warning: str | None  # adapter trained on another base model than the one served
+
+    def names(self) -> tuple[str, str]:
+        """(base, adapter) as visitors see them: folder names, never absolute paths."""
+        if not self.adapter:
+            return visible(self.base), NO_ADAPTER
+        path = Path(self.adapter)
+        inside = path.is_relative_to(registry.repo_root())  # output/qwen2-assistant/adapter
+        return visible(self.base), str(path.relative_to(registry.repo_root()) if inside
+                                       else Path("...", *path.parts[-2:]))
 
     def context_limit(self, max_context: int | None = None) -> int:
         """Tokens of prompt + answer: the model's maximum, lowered by `--max-context`."""
         limit = getattr(self.model.config, "max_position_embeddings", None) or FALLBACK_CONTEXT
         return min(limit, max_context) if max_context else limit
+
+
+ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\\/\s:'\"`,;()]+)+[\\/]?")
+
+
+def visible(text: str) -> str:
+    """Text for visitors: every absolute path shortened to its last name (the terminal has all)."""
+    return ABSOLUTE_PATH.sub(lambda m: Path(m.group(0).rstrip("/\\")).name or "/", text)
+
+
+def report(err: BaseException) -> str:
+    """The traceback to the terminal; for the page, the error's type and its message without paths."""
+    traceback.print_exception(err, file=sys.stderr)
+    return visible(f"{type(err).__name__}: {err}")
 
 
 def _base_name(name: str) -> str:
@@ -219,8 +314,18 @@ class _Cancel:
                           device=input_ids.device)
 
 
+def first_token_timeout(args: argparse.Namespace) -> float:
+    """Seconds for the first token: reading a long prompt takes far longer than one more token."""
+    import torch
+
+    if args.first_token_timeout is not None:
+        return args.first_token_timeout
+    return args.timeout if torch.cuda.is_available() else max(args.timeout, FIRST_TOKEN_TIMEOUT_CPU)
+
+
 def generate(served: Served, messages: list[dict[str, str]], max_new_tokens: int,
-             temperature: float, top_p: float, timeout: float) -> Iterator[str]:
+             temperature: float, top_p: float, timeout: float,
+             first_timeout: float | None = None) -> Iterator[str]:
     """The answer's pieces as the model writes them; the one place the page calls the model.
 
     Tests patch this function to see what reaches the model. `messages` already holds the
@@ -232,8 +337,8 @@ def generate(served: Served, messages: list[dict[str, str]], max_new_tokens: int
     try:
         yield from inference.stream_chat(
             served.model, served.tokenizer, messages, served.tutorial.family, system=None,
-            max_new_tokens=max_new_tokens, timeout=timeout, temperature=temperature, top_p=top_p,
-            stopping_criteria=StoppingCriteriaList([cancel]))
+            max_new_tokens=max_new_tokens, timeout=timeout, first_token_timeout=first_timeout,
+            temperature=temperature, top_p=top_p, stopping_criteria=StoppingCriteriaList([cancel]))
     finally:
         cancel.event.set()
 
@@ -249,7 +354,7 @@ class Options:
 
 
 def _clear_history() -> None:
-    st.session_state["messages"] = []
+    st.session_state["messages"], st.session_state["waiting"] = [], []
 
 
 def sidebar(served: Served, limit: int) -> Options:
@@ -271,9 +376,26 @@ def sidebar(served: Served, limit: int) -> Options:
 
 
 def banner(served: Served) -> str:
-    """Which base model and which adapter answer here (markdown)."""
-    adapter = f"`{served.adapter}`" if served.adapter else NO_ADAPTER
-    return f"**Base model:** `{served.base}`  \n**Adapter:** {adapter}"
+    """Which base model and which adapter answer here (markdown; names only, no paths)."""
+    base, adapter = served.names()
+    adapter = f"`{adapter}`" if served.adapter else NO_ADAPTER
+    return f"**Base model:** `{base}`  \n**Adapter:** {adapter}"
+
+
+def show(role: str, text: str):
+    """One chat bubble, as plain text: no Markdown image fetched, no HTML or LaTeX drawn."""
+    bubble = st.chat_message(role)
+    bubble.text(text)
+    return bubble
+
+
+def stream(pieces: Iterator[str]) -> str:
+    """Write an answer as it arrives, as plain text (st.write_stream would render Markdown)."""
+    box, answer = st.empty(), ""
+    for piece in pieces:
+        answer += piece
+        box.text(answer)
+    return answer
 
 
 def respond(served: Served, history: list[dict[str, str]], question: str, options: Options,
@@ -283,7 +405,7 @@ def respond(served: Served, history: list[dict[str, str]], question: str, option
     Errors (including a stalled generation, `queue.Empty` after `--timeout` seconds) become a
     message on the page and the server keeps serving: one bad request must not end a demo.
     """
-    st.chat_message("user").markdown(question)
+    show("user", question)
     system = [{"role": "system", "content": options.system}] if options.system else []
     with st.chat_message("assistant"):
         try:
@@ -292,21 +414,36 @@ def respond(served: Served, history: list[dict[str, str]], question: str, option
                 served.context_limit(args.max_context))
             if note:
                 st.warning(note)
-            answer = st.write_stream(generate(served, messages, options.max_new_tokens,
-                                              options.temperature, options.top_p, args.timeout))
+            answer = stream(generate(served, messages, options.max_new_tokens, options.temperature,
+                                     options.top_p, args.timeout, first_token_timeout(args)))
         except queue.Empty:
-            st.error(f"No new token for {args.timeout:g} s: the generation was stopped (timeout). "
+            st.error(f"No new token in time (--timeout {args.timeout:g} s, first token "
+                     f"{first_token_timeout(args):g} s): the generation was stopped (timeout). "
                      "The question was not kept; try again.")
             return
         except Exception as err:  # the page must survive any model error
-            st.error(f"Generation failed: {type(err).__name__}: {err}. "
+            st.error(f"Generation failed: {report(err)}. "
                      "The question was not kept; the demo keeps serving.")
             return
-        if not isinstance(answer, str) or not answer.strip():
+        if not answer.strip():
             answer = "(empty answer: the model ended its turn at once)"
-            st.markdown(answer)
+            st.text(answer)
     history.extend([{"role": "user", "content": question},
                     {"role": "assistant", "content": answer}])
+
+
+def password_gate() -> None:
+    """With SELFLLM_WEBDEMO_PASSWORD set, a session sees the chat only after typing it."""
+    secret = os.environ.get(PASSWORD_ENV)
+    if not secret or st.session_state.get("signed_in"):
+        return
+    typed = st.text_input("Password", type="password", key="password")
+    if typed and hmac.compare_digest(typed.encode(), secret.encode()):
+        st.session_state["signed_in"] = True
+        st.rerun()
+    if typed:
+        st.error("Wrong password.")
+    st.stop()
 
 
 def page(args: argparse.Namespace | None = None) -> None:
@@ -317,21 +454,30 @@ def page(args: argparse.Namespace | None = None) -> None:
     st.set_page_config(page_title=f"{name} WebDemo", page_icon="💬")
     st.title(f"💬 {name} Chatbot")
     st.caption("🚀 A streamlit chatbot powered by Self-LLM")
+    password_gate()
     try:
         served = load(args.tutorial, str(check_adapter(args.adapter)) if args.adapter else None)
     except Exception as err:
-        st.error(f"Could not load the model: {type(err).__name__}: {err}")
+        st.error(f"Could not load the model: {report(err)}")
         st.stop()
     st.info(banner(served))
     if served.warning:
-        st.warning(served.warning)
+        st.warning(visible(served.warning))
     options = sidebar(served, served.context_limit(args.max_context))
     history = st.session_state.setdefault("messages", [])
+    # questions not yet answered: one sent while another was being answered interrupts that run
+    # (Streamlit reruns the script at once); both stay here and are answered in order
+    waiting = st.session_state.setdefault("waiting", [])
     for message in history:
-        st.chat_message(message["role"]).markdown(message["content"])
+        show(message["role"], message["content"])
     question = st.chat_input("Ask something")
     if question and question.strip():  # an empty message is ignored
-        respond(served, history, question.strip(), options, args)
+        waiting.append(question.strip())
+    if len(waiting) > 1:
+        st.info(f"{len(waiting)} questions are waiting: they are answered one after the other.")
+    while waiting:
+        respond(served, history, waiting[0], options, args)
+        waiting.pop(0)
 
 
 if __name__ == "__main__":  # run by Streamlit: use the imported module, which tests can patch

@@ -309,6 +309,9 @@ def test_resume_with_offload_ends_where_the_uninterrupted_run_does(zero3_run: Pa
     launch(out, "--offload", "--resume")
     info = json.loads((out / train_zero3.RUN_INFO).read_text())
     assert info["resumed"] and info["offload"]
+    # what the Trainer restored: a resume that silently restarted at step 0 reads 0, 0, 0, False
+    assert info["restored"] == {"global_step": STOP_AT, "scheduler_steps": STOP_AT,
+                                "optimizer_steps": STOP_AT, "rng_restored": True}
     resumed, straight = training.logged(out), training.logged(zero3_run)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(STOP_AT + 1, STEPS + 1):
@@ -317,3 +320,80 @@ def test_resume_with_offload_ends_where_the_uninterrupted_run_does(zero3_run: Pa
     a, b = adapter_tensors(out / last), adapter_tensors(zero3_run / last)
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=TOL) for k in a)
+
+
+# ------------------------------------- what --resume may load (checkpoints.plan), on copies of the run
+
+
+def copy_run(zero3_run: Path, to: Path, *names: str) -> Path:
+    """A run folder holding copies of some of the real run's checkpoints."""
+    import shutil
+
+    to.mkdir(parents=True)
+    for name in names:
+        shutil.copytree(zero3_run / name, to / name)
+    return to
+
+
+@pytest.mark.parametrize("damage", ["truncated adapter", "truncated optimizer slice", "no trainer state"])
+def test_a_checkpoint_cut_off_mid_save_is_named_and_skipped(zero3_run: Path, tmp_path: Path,
+                                                            damage: str) -> None:
+    import os as _os
+
+    from selfllm_utils import checkpoints
+
+    out = copy_run(zero3_run, tmp_path / "run", f"checkpoint-{STOP_AT}", f"checkpoint-{STEPS}")
+    last = out / f"checkpoint-{STEPS}"
+    if damage == "no trainer state":
+        (last / "trainer_state.json").unlink()
+    else:
+        victim = (last / "adapter_model.safetensors" if damage == "truncated adapter"
+                  else next((last / f"global_step{STEPS}").glob("*optim_states.pt")))
+        _os.truncate(victim, victim.stat().st_size // 2)
+    said: list[str] = []
+    plan = checkpoints.plan(out, 2 * STEPS, say=said.append, world_size=2)
+    assert plan.checkpoint == out / f"checkpoint-{STOP_AT}" and plan.step == STOP_AT
+    assert len(said) == 2 and f"skipping checkpoint-{STEPS}" in said[0], said
+    assert f"checkpoint-{STOP_AT}" in said[1]
+
+
+def test_missing_optimizer_state_is_refused_unless_asked(zero3_run: Path, tmp_path: Path) -> None:
+    from selfllm_utils import checkpoints
+
+    out = copy_run(zero3_run, tmp_path / "run", f"checkpoint-{STOP_AT}")
+    for path in (out / f"checkpoint-{STOP_AT}" / f"global_step{STOP_AT}").glob("*optim_states.pt"):
+        path.unlink()
+    with pytest.raises(checkpoints.CheckpointError, match="optim_states.*--fresh-optimizer"):
+        checkpoints.plan(out, STEPS, say=print, world_size=2)
+    said: list[str] = []
+    assert checkpoints.plan(out, STEPS, fresh_optimizer=True, say=said.append).step == STOP_AT
+    assert "FRESH optimizer" in said[-1]
+    with pytest.raises(checkpoints.CheckpointError, match="found 2, one per process: 1 now"):
+        checkpoints.plan(copy_run(zero3_run, tmp_path / "one", f"checkpoint-{STOP_AT}"), STEPS,
+                         world_size=1)
+
+
+def test_a_finished_run_resumes_to_nothing(zero3_run: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    out = copy_run(zero3_run, tmp_path / "done", f"checkpoint-{STOP_AT}", f"checkpoint-{STEPS}")
+    train_zero3.main(["--tutorial", TUTORIAL.key, "--output", str(out), "--max-steps", str(STEPS),
+                      "--resume"])
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said == [f"already finished: checkpoint-{STEPS} is at step {STEPS} of {STEPS}; nothing to train"]
+    assert sorted(p.name for p in out.iterdir()) == [f"checkpoint-{STOP_AT}", f"checkpoint-{STEPS}"]
+
+
+def test_a_strangers_pickled_checkpoint_needs_trust(zero3_run: Path, tmp_path: Path) -> None:
+    from selfllm_utils import checkpoints
+
+    stranger = zero3_run / f"checkpoint-{STOP_AT}"  # outside the new run's own folder
+    out = tmp_path / "mine"
+    with pytest.raises(SystemExit, match="pickle can run any code.*--trust-checkpoint"):
+        train_zero3.main(["--tutorial", TUTORIAL.key, "--output", str(out), "--max-steps", str(STEPS),
+                          "--resume", str(stranger)])
+    assert checkpoints.plan(out, STEPS, stranger, trust=True, say=print).checkpoint == stranger
+    out.mkdir()  # a link inside the run's folder that leads outside it is still a stranger's
+    (out / f"checkpoint-{STOP_AT}").symlink_to(stranger, target_is_directory=True)
+    with pytest.raises(checkpoints.CheckpointError, match="pickle"):
+        checkpoints.plan(out, STEPS, say=print)
+    assert checkpoints.plan(zero3_run, STEPS + 4, say=print).checkpoint == zero3_run / f"checkpoint-{STEPS}"

@@ -205,3 +205,15 @@ def test_next_turn_prompt_tokenizes_like_the_trained_prefix(tmp_path, smoke_mode
     prompt = _ids(tokenizer, formatting.render(tokenizer, messages[:-1], add_generation_prompt=True))
     assert tokenized[0]["input_ids"][: len(prompt)] == prompt
     assert tokenized[0]["labels"][len(prompt) - 1] == IGNORE != tokenized[0]["labels"][len(prompt)]
+
+
+@pytest.mark.parametrize(("bad", "field"), [({"role": "asistant", "content": "答"}, "'role' is 'asistant'"),
+                                            ({"role": "assistant", "content": None}, "'content' is None"),
+                                            ({"role": "assistant"}, "'content' is None")])
+def test_a_misspelled_role_or_missing_content_names_the_message(setup, bad, field) -> None:
+    """A template skips a role it does not know: the turn would vanish from training, silently."""
+    tutorial, tokenizer = setup
+    messages = [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"},
+                {"role": "user", "content": "再问"}, bad]
+    with pytest.raises(ValueError, match=f"message 3.*field {field}"):
+        formatting.tokenize_messages(messages, tokenizer, tutorial.family)

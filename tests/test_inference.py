@@ -164,3 +164,43 @@ def test_real_model_learns_an_identity(smoke_models, identity_records, tmp_path)
     assert before.text != record["output"]
     assert trainer.loss_curve.losses[-1] < trainer.loss_curve.losses[0] / 10
     assert after.text == record["output"] and after.stopped
+
+
+def test_an_adapter_folder_without_weights_is_one_error_and_no_hub_is_asked(tmp_path, monkeypatch) -> None:
+    """peft, given a folder without weights, would ask the Hub for a repository of that name."""
+    import huggingface_hub
+    import peft
+    from peft import get_peft_model
+
+    tutorial = registry.get("deepseek")
+    model, _ = models.load_model(tutorial, smoke_mode=True)
+    get_peft_model(model, models.lora_config(tutorial, registry.smoke_config(tutorial))).save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("asked the Hub")
+
+    for name in ("hf_hub_download", "file_exists"):
+        monkeypatch.setattr(huggingface_hub, name, no_network)
+        monkeypatch.setattr(peft.utils.save_and_load, name, no_network, raising=False)
+    monkeypatch.setattr(models, "load_model", no_network)  # checked before any model loads
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+        inference.load_adapter(tutorial, tmp_path, smoke_mode=True)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        inference.load_adapter(tutorial, tmp_path / "adapter_config.json", smoke_mode=True)
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        inference.load_adapter(tutorial, tmp_path.parent, smoke_mode=True)
+
+
+def test_a_prompt_past_the_context_is_an_error(monkeypatch) -> None:
+    tutorial = registry.get("deepseek")
+    model, tokenizer = models.load_model(tutorial, smoke_mode=True)
+    monkeypatch.setattr(model.config, "max_position_embeddings", 64)
+    assert inference.chat(model, tokenizer, "hi", tutorial.family, max_new_tokens=4).token_ids
+    with pytest.raises(ValueError, match=r"past the model's context of 64 tokens"):
+        inference.chat(model, tokenizer, "hi " * 80, tutorial.family, max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens=60"):
+        inference.chat(model, tokenizer, "hi", tutorial.family, max_new_tokens=60)
+    with pytest.raises(ValueError, match="message 1"):
+        inference.chat(model, tokenizer, [{"role": "user", "content": "hi"}, {"role": "asistant", "content": "x"}],
+                       tutorial.family)

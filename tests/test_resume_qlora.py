@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfllm_utils import data, formatting, memory, models, registry, smoke, training
+from selfllm_utils import checkpoints, data, formatting, memory, models, registry, smoke, training
 
 RESUME_STEPS = 6
 STOP_AT = 3
@@ -83,6 +83,8 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, wide: bool) -> None:
 
     checkpoint = tmp_path / "full" / f"checkpoint-{STOP_AT}"
     assert (checkpoint / "optimizer.pt").exists()
+    assert checkpoints.plan(tmp_path / "full", RESUME_STEPS, say=print).finished  # no step at lr 0
+    assert checkpoints.plan(tmp_path / "full", RESUME_STEPS, checkpoint, say=print).step == STOP_AT
     resumed = _run(tutorial, model_dir, cfg, tmp_path / "resumed", train_ds, resume_from=checkpoint)
 
     assert resumed.state.global_step == full.state.global_step == RESUME_STEPS
@@ -93,3 +95,28 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, wide: bool) -> None:
     a, b = _lora_state(full), _lora_state(resumed)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
+
+
+@pytest.mark.parametrize("gone", ["optimizer.pt", "scheduler.pt"])
+def test_missing_optimizer_or_scheduler_is_refused(tmp_path: Path, gone: str) -> None:
+    """The Trainer itself would resume with a fresh optimizer or schedule, without a word."""
+    import shutil
+
+    tutorial = registry.get("deepseek")
+    cfg = dataclasses.replace(registry.smoke_config(tutorial), max_steps=2, save_steps=1,
+                              logging_steps=1, per_device_train_batch_size=4)
+    ds, _ = data.load_dataset(registry.repo_root() / "dataset" / "huanhuan_sample.json")
+    model, tokenizer = models.load_model(tutorial, smoke_mode=True)
+    train_ds, _ = formatting.build_dataset(ds.select(range(8)), tokenizer, tutorial,
+                                           max_length=cfg.max_length)
+    model = models.add_lora(model, tutorial, cfg)
+    training.make_trainer(model, tokenizer, train_ds, cfg, tmp_path / "run", disable_tqdm=True).train()
+    shutil.rmtree(tmp_path / "run" / "checkpoint-2")  # as if the run died after step 1
+    (tmp_path / "run" / "checkpoint-1" / gone).unlink()
+    with pytest.raises(checkpoints.CheckpointError, match=f"lacks {gone}.*--fresh-optimizer"):
+        checkpoints.plan(tmp_path / "run", cfg.max_steps, say=print)
+    said: list[str] = []
+    assert checkpoints.plan(tmp_path / "run", cfg.max_steps, fresh_optimizer=True,
+                            say=said.append).step == 1
+    assert said == [f"resuming from {tmp_path / 'run' / 'checkpoint-1'} at step 1 with a FRESH "
+                    f"optimizer and schedule (no {gone})"]

@@ -46,11 +46,12 @@ def calls(monkeypatch) -> list[dict]:
     seen: list[dict] = []
     real = webdemo.generate
 
-    def spy(served, messages, max_new_tokens, temperature, top_p, timeout):
+    def spy(served, messages, max_new_tokens, temperature, top_p, timeout, first_timeout=None):
         call = {"served": served, "messages": messages, "max_new_tokens": max_new_tokens,
-                "temperature": temperature, "top_p": top_p, "timeout": timeout, "pieces": []}
+                "temperature": temperature, "top_p": top_p, "timeout": timeout,
+                "first_timeout": first_timeout, "pieces": []}
         seen.append(call)
-        for piece in real(served, messages, max_new_tokens, temperature, top_p, timeout):
+        for piece in real(served, messages, max_new_tokens, temperature, top_p, timeout, first_timeout):
             call["pieces"].append(piece)
             yield piece
 
@@ -66,7 +67,7 @@ def ask(at: AppTest, text: str) -> AppTest:
 
 def chat(at: AppTest) -> list[tuple[str, str]]:
     """(role, text) of every chat bubble on the page."""
-    return [(m.name, m.markdown[-1].value if len(m.markdown) else "") for m in at.chat_message]
+    return [(m.name, m.text[-1].value if len(m.text) else "") for m in at.chat_message]
 
 
 def history(at: AppTest) -> list[dict]:
@@ -148,7 +149,8 @@ def test_stalled_generation_ends_with_a_timeout_and_stops_the_model(app, monkeyp
 
     monkeypatch.setattr(webdemo, "generate", stalled)
     try:
-        at = ask(app(f"--tutorial {TINY} --timeout 0.3", max_new_tokens=None), QUESTION)
+        at = ask(app(f"--tutorial {TINY} --timeout 0.3 --first-token-timeout 0.3", max_new_tokens=None),
+                 QUESTION)
         assert "timeout" in at.error[0].value and history(at) == []
         time.sleep(2 * STALL)
         assert len(forwards) == 1  # the abandoned generation stopped after one step, not 512
@@ -188,7 +190,8 @@ def test_adapter_is_served_named_and_is_the_one_answering(app, calls, adapter, t
     """The learner's adapter answers on the page (self-llm#230: "the demo answers as before")."""
     tutorial = registry.get(TINY)
     at = app(f"--tutorial {TINY} --adapter {adapter}")
-    assert str(adapter) in at.info[0].value and webdemo.NO_ADAPTER not in at.info[0].value
+    shown = f"`.../{adapter.parent.name}/adapter`"  # which adapter, without the machine's path
+    assert shown in at.info[0].value and webdemo.NO_ADAPTER not in at.info[0].value
     assert not at.warning
     at.text_area(key="system").set_value("")
     ask(at, "你是谁？")
@@ -210,9 +213,100 @@ def test_adapter_is_served_named_and_is_the_one_answering(app, calls, adapter, t
     assert "Qwen2-7B-Instruct" in at.warning[0].value
 
 
-def test_missing_adapter_is_an_error_on_the_page(app, tmp_path):
+def test_missing_adapter_is_an_error_on_the_page(app, tmp_path, capsys):
     at = app(f"--tutorial qwen2 --adapter {tmp_path}", max_new_tokens=None)
     assert "no adapter_config.json" in at.error[0].value
+    assert str(tmp_path) not in at.error[0].value  # visitors see names, not the machine's paths
+    assert str(tmp_path) in capsys.readouterr().err  # the terminal has the whole story
+
+
+def test_visitors_see_no_paths_and_no_tracebacks(app, adapter, monkeypatch, capsys):
+    at = app(f"--tutorial {TINY} --adapter {adapter}")
+    assert f"/{adapter.parent.name}/adapter`" in at.info[0].value
+    assert str(adapter.parent) not in at.info[0].value
+    assert "stand-in" in at.info[0].value and str(registry.home()) not in at.info[0].value
+
+    def broken(*args, **kwargs):
+        raise OSError("cannot read /home/learner/secret/weights.bin")
+        yield
+
+    monkeypatch.setattr(webdemo, "generate", broken)
+    ask(at, QUESTION)
+    shown = at.error[0].value
+    assert "weights.bin" in shown and "/home/learner" not in shown and "Traceback" not in shown
+    assert "Traceback" in capsys.readouterr().err and not at.exception
+
+
+MARKUP = ("![pixel](http://example.invalid/pixel.png) <img src=x onerror=alert(1)> **bold** "
+          "$\\rule{5000px}{5000px}$")
+
+
+def test_messages_and_answers_are_plain_text(app, monkeypatch):
+    """A Markdown image would make every visitor's browser fetch the URL; LaTeX \\rule paints."""
+    real = webdemo.generate
+
+    def markup_answer(*args, **kwargs):
+        yield from real(*args, **kwargs)
+        yield " " + MARKUP  # as if the model wrote it
+
+    monkeypatch.setattr(webdemo, "generate", markup_answer)
+    at = ask(app(f"--tutorial {TINY}"), MARKUP)
+    ask(at, "again")  # the history is drawn again, from session state
+    bubbles = at.chat_message
+    assert [b.name for b in bubbles] == ["user", "assistant"] * 2
+    assert all(len(b.markdown) == 0 for b in bubbles)  # nothing parsed as Markdown, HTML or LaTeX
+    assert bubbles[0].text[0].value == MARKUP and bubbles[1].text[-1].value.endswith(MARKUP)
+
+
+def test_a_question_sent_during_an_answer_waits_its_turn(app, calls):
+    """Streamlit stops a running answer when a new message arrives; the first is not dropped."""
+    at = app(f"--tutorial {TINY}")
+    at.session_state["waiting"] = ["first question"]  # what an interrupted run leaves behind
+    ask(at, "second question")
+    assert [m["content"] for m in history(at)][::2] == ["first question", "second question"]
+    assert at.session_state["waiting"] == [] and len(calls) == 2
+
+
+def test_a_password_guards_the_chat(app, monkeypatch):
+    monkeypatch.setenv(webdemo.PASSWORD_ENV, "s3cret")
+    at = app(f"--tutorial {TINY}", max_new_tokens=None)
+    assert not at.chat_input and at.text_input[0].proto.type == at.text_input[0].proto.PASSWORD
+    at.text_input[0].input("wrong").run()
+    assert not at.chat_input and "Wrong password" in at.error[0].value
+    at.text_input[0].input("s3cret").run()
+    assert at.chat_input and not at.error
+
+
+def test_first_token_may_take_longer_than_the_next(monkeypatch):
+    """Reading a long prompt on a CPU takes minutes; one more token does not."""
+    import queue
+
+    import torch
+
+    tutorial = registry.get(TINY)
+    model, tokenizer = models.load_model(tutorial, smoke_mode=True)
+    forward, calls = model.forward, []
+
+    def slow_first(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.6)  # the prompt
+        return forward(*a, **k)
+
+    model.forward = slow_first
+    pieces = list(inference.stream_chat(model, tokenizer, QUESTION, tutorial.family, max_new_tokens=SHORT,
+                                        timeout=0.3, first_token_timeout=5))
+    assert pieces and len(calls) > 1
+    calls.clear()
+    with pytest.raises(queue.Empty):
+        list(inference.stream_chat(model, tokenizer, QUESTION, tutorial.family, max_new_tokens=SHORT,
+                                   timeout=0.3))
+    args = webdemo.parse_args(["--timeout", "5"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert webdemo.first_token_timeout(args) == webdemo.FIRST_TOKEN_TIMEOUT_CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert webdemo.first_token_timeout(args) == 5
+    assert webdemo.first_token_timeout(webdemo.parse_args(["--first-token-timeout", "9"])) == 9
 
 
 def test_command_binds_locally_headless_without_usage_stats(tmp_path):
@@ -222,7 +316,12 @@ def test_command_binds_locally_headless_without_usage_stats(tmp_path):
     assert args["--server.headless"] == "true" and args["--browser.gatherUsageStats"] == "false"
     assert cmd[cmd.index("--") + 1:] == ["--tutorial", "qwen2"]
     assert webdemo.parse_args(cmd[cmd.index("--") + 1:]).tutorial == "qwen2"
-    assert webdemo.command(address="0.0.0.0")[cmd.index("--server.address") + 1] == "0.0.0.0"
+    assert args["--client.showErrorDetails"] == "none"  # no traceback for visitors
+    with pytest.raises(ValueError, match="--public"):
+        webdemo.command(address="0.0.0.0")  # other machines only when asked for
+    assert webdemo.command(address="0.0.0.0", public=True)[cmd.index("--server.address") + 1] == "0.0.0.0"
+    app_args = webdemo.command(app_args=["--max-context=512", "--timeout=90"])
+    assert webdemo.parse_args(app_args[app_args.index("--") + 1:]).max_context == 512
     with pytest.raises(ValueError, match="unknown tutorial"):
         webdemo.command("qwen3")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):

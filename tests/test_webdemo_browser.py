@@ -3,16 +3,23 @@
 Two browser contexts (two users, separate cookies and sessions) chat at the same time with one
 server and one shared model; neither sees the other's history. With SELFLLM_SCREENSHOT=1 the
 test also refreshes images/webdemo.png, the picture notebook 03 shows (CI leaves it alone).
+The server listens on 127.0.0.1 only, whether started by `webdemo.serve` or `selfllm webdemo`
+(which also stops it on SIGTERM), and a page that shows a Markdown image and LaTeX in a message
+asks no other host for anything (every request the browser makes is watched).
 
 Playwright drives the system Chromium (`executable_path`); `playwright install` is never run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
+from urllib.parse import urlparse
 import urllib.request
 from pathlib import Path
 
@@ -52,19 +59,30 @@ def wait_until_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"the WebDemo server did not answer in {START_TIMEOUT} s:\n{log.read_text()}")
 
 
-@pytest.fixture
-def server(tmp_path):
-    """The demo on a free port of 127.0.0.1, in smoke mode; terminated whatever the test does."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)")
+def listening(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp writes them) with a socket listening on `port`."""
+    found = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        for line in table.read_text().splitlines()[1:] if table.exists() else []:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+@contextlib.contextmanager
+def running(tutorial: str, tmp_path: Path):
+    """The demo started by `webdemo.serve` with its defaults on a free port, in smoke mode;
+    terminated whatever the test does. Yields (url, port)."""
     port, log = free_port(), tmp_path / "server.log"
     with log.open("w") as out:
-        proc = webdemo.serve("qwen2", port=port, stdout=out, stderr=subprocess.STDOUT,
+        proc = webdemo.serve(tutorial, port=port, stdout=out, stderr=subprocess.STDOUT,
                              env={**os.environ, "SELFLLM_SMOKE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, proc, log)
-        yield url
+        yield url, port
     finally:
         proc.terminate()
         try:
@@ -72,6 +90,26 @@ def server(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def need_chromium() -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)")
+
+
+@pytest.fixture
+def server(tmp_path):
+    need_chromium()
+    with running("qwen2", tmp_path) as (url, _):
+        yield url
+
+
+@pytest.fixture
+def tiny_server(tmp_path):
+    """The tiny random DeepSeek stand-in: answers in milliseconds, where content does not matter."""
+    need_chromium()
+    with running("deepseek", tmp_path) as started:
+        yield started
 
 
 @pytest.fixture
@@ -121,3 +159,59 @@ def test_two_sessions_chat_at_once_and_keep_their_own_history(server, browser):
         assert not any(other in text for text in shown), shown  # no leak between sessions
     if os.environ.get("SELFLLM_SCREENSHOT") == "1":
         pages[0].screenshot(path=str(SCREENSHOT))
+
+
+MARKUP = "![pixel](http://example.invalid/pixel.png) <img src=http://example.invalid/x.png> $\\rule{3000px}{3000px}$"
+
+
+def test_markup_in_a_message_fetches_nothing_and_draws_nothing(tiny_server, browser):
+    """Served on 127.0.0.1 only; a Markdown image, HTML and LaTeX stay text (self-llm demo, issue 17)."""
+    from playwright.sync_api import expect
+
+    url, port = tiny_server
+    assert listening(port) == {"0100007F"}, listening(port)  # webdemo.serve's default: 127.0.0.1
+    elsewhere: list[str] = []
+
+    def watch(route):
+        host = urlparse(route.request.url).hostname
+        if host in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page = browser.new_context().new_page()
+    page.route("**/*", watch)
+    page.goto(url)
+    expect(page.get_by_test_id("stChatInputTextArea")).to_be_visible(timeout=ANSWER_TIMEOUT_MS)
+    wait_idle(page)
+    page.get_by_test_id("stChatInputTextArea").fill(MARKUP)
+    page.get_by_test_id("stChatInputTextArea").press("Enter")
+    expect(page.get_by_test_id("stChatMessage")).to_have_count(2, timeout=ANSWER_TIMEOUT_MS)
+    wait_idle(page)
+    chat = page.get_by_test_id("stChatMessage")
+    assert elsewhere == []  # no image fetched, no usage statistics sent
+    assert chat.locator("img").count() == 0 and chat.locator(".katex").count() == 0
+    assert MARKUP in messages(page)[0]  # shown as typed
+
+
+def test_the_command_binds_localhost_and_sigterm_stops_its_server(tmp_path):
+    """`selfllm webdemo` stops its Streamlit child on SIGTERM (it was left serving, under PID 1)."""
+    port, log = free_port(), tmp_path / "cli.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "selfllm_utils.cli", "webdemo", "--tutorial",
+                                 "deepseek", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "SELFLLM_SMOKE": "1"})
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", proc, log)
+        assert listening(port) == {"0100007F"}, listening(port)  # 127.0.0.1, nothing else
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0
+        assert not Path(f"/proc/{children[0]}").exists()  # the Streamlit child is gone too
+        assert listening(port) == set()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
