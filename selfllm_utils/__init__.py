@@ -1,7 +1,7 @@
 """selfllm_utils: the support package of the self-llm fine-tuning course.
 
 Modules in reading order, each importing only those before it (tests/test_layering.py checks):
-registry -> data -> smoke -> formatting -> models -> training -> memory -> inference ->
+registry -> data -> smoke -> formatting -> cache -> models -> training -> memory -> inference ->
 distributed -> webdemo -> cli. Notebooks import modules, not names, so a call says where its
 code lives: `from selfllm_utils import formatting; formatting.tokenize_messages(...)`.
 """
