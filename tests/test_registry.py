@@ -136,7 +136,8 @@ def test_smoke_mode_env(value: str, expected: bool, monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize("value", ["2", "smoke", "y es"])
 def test_smoke_mode_invalid(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SELFLLM_SMOKE", value)
-    with pytest.raises(ValueError, match=rf"SELFLLM_SMOKE must be 1 \(smoke models\) or 0 \(real models\), got '{value}'"):
+    expected = rf"SELFLLM_SMOKE must be 1 \(smoke models\) or 0 \(real models\), got '{value}'"
+    with pytest.raises(ValueError, match=expected):
         registry.smoke_mode()
 
 
