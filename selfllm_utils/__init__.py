@@ -1,10 +1,14 @@
 """selfllm_utils: the support package of the self-llm fine-tuning course.
 
 Modules in reading order, each importing only those before it (tests/test_layering.py checks):
-registry -> data -> smoke -> formatting -> models -> training -> memory -> inference ->
-distributed -> webdemo -> cli. Notebooks import modules, not names, so a call says where its
+registry -> quiet -> data -> smoke -> formatting -> cache -> models -> training -> memory ->
+inference -> distributed -> webdemo -> cli. Notebooks import modules, not names, so a call says where its
 code lives: `from selfllm_utils import formatting; formatting.tokenize_messages(...)`.
 """
 
 __all__ = ["registry", "data", "smoke", "formatting", "models", "training", "memory", "metrics",
            "inference", "distributed", "webdemo", "exercises"]
+
+from . import quiet as _quiet
+
+_quiet.known_noise()  # the libraries' known harmless warnings, hidden once (quiet.py says why)

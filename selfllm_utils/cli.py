@@ -43,14 +43,16 @@ def gpu() -> dict | None:
 
 
 def cached_models() -> list[str]:
-    """Tutorials whose real weights are already in the course cache (complete folders only)."""
+    """Tutorials whose real weights are already in the course cache (complete folders only).
+
+    The same lookup as loading a model (`models.local_model`): any layout ModelScope wrote.
+    """
     from . import models
 
     found = []
     for tutorial in registry.TUTORIALS.values():
-        folder = registry.home() / "models" / tutorial.modelscope_id
         try:
-            models.check_model_dir(folder)
+            models.local_model(tutorial)
             found.append(tutorial.key)
         except RuntimeError:
             pass
@@ -104,14 +106,17 @@ def doctor(as_json: bool = False) -> dict:
     return info
 
 
-def download(keys: list[str]) -> None:
-    """Fill the cache with the real weights; errors are one line, never a stack trace."""
+def download(keys: list[str], command: str | None = None) -> None:
+    """Fill the cache with the real weights; errors are one line, never a stack trace.
+
+    `command` is the learner's own command line, repeated in the hint when a download fails.
+    """
     from . import models
 
     for key in keys:
         tutorial = registry.get(key)
         try:
-            path = models.download(tutorial)
+            path = models.download(tutorial, command=command)
         except RuntimeError as err:
             raise SystemExit(f"selfllm download: {err}") from None
         print(f"{key}: {tutorial.modelscope_id} -> {path}")
@@ -165,7 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "download":
         if not args.all and not args.tutorial:
             parser.error("name a tutorial or pass --all")
-        download(list(registry.TUTORIALS) if args.all else [args.tutorial])
+        if args.all:
+            download(list(registry.TUTORIALS), command="selfllm download --all")
+        else:
+            download([args.tutorial])
     elif args.command == "webdemo":
         sys.exit(serve_demo(args))
 

@@ -12,26 +12,47 @@ from pathlib import Path
 
 import torch
 
-from . import registry, smoke
+from . import cache, registry, smoke
 from .registry import ChatFamily, TrainConfig, Tutorial
 
 WEIGHT_FILES = ("*.safetensors", "*.bin")
 
 
-def download(tutorial: Tutorial) -> Path:
-    """The real weights from ModelScope into the course cache (resumes a cut-off download)."""
-    try:
-        from modelscope import snapshot_download
+def local_model(tutorial: Tutorial) -> Path:
+    """The tutorial's complete model folder in the course cache, found with no network.
 
-        path = snapshot_download(tutorial.modelscope_id, cache_dir=str(registry.home() / "models"))
+    Any layout ModelScope has written counts (cache.local_copy). Raises RuntimeError in one
+    line naming what is missing: the whole folder, or a file of a cut-off download.
+    """
+    cache_dir = registry.home() / "models"
+    folder = cache.local_copy(tutorial.modelscope_id, cache_dir)
+    if folder is None:
+        raise RuntimeError(f"{tutorial.modelscope_id} is not in the course cache {cache_dir}")
+    return check_model_dir(folder)
+
+
+def download(tutorial: Tutorial, command: str | None = None) -> Path:
+    """The real weights: the complete local copy if there is one, else ModelScope fills the gaps.
+
+    Local first, so a workshop's pre-filled cache loads offline in seconds; the network only for
+    a missing or cut-off folder (ModelScope resumes it). `command` is what the learner should run
+    on a connected machine (default `selfllm download <tutorial>`).
+    """
+    try:
+        return local_model(tutorial)
+    except RuntimeError as err:
+        missing = str(err)
+    try:
+        path = cache.fetch(tutorial.modelscope_id, registry.home() / "models")
     except Exception as err:  # network errors come in many types; one line tells the learner
+        reason = str(err).splitlines()[0][:200] if str(err) else ""
         raise RuntimeError(
-            f"could not download {tutorial.modelscope_id} from ModelScope "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}). "
-            "Are you offline? Fill the cache on a connected machine with `selfllm download "
-            f"{tutorial.key}` and point SELFLLM_HOME at it, or set SELFLLM_SMOKE=1."
+            f"{missing}, and it could not be downloaded from ModelScope ({type(err).__name__}: "
+            f"{reason}). Are you offline? Fill the cache on a connected machine with "
+            f"`{command or 'selfllm download ' + tutorial.key}` and point SELFLLM_HOME at it, "
+            "or set SELFLLM_SMOKE=1."
         ) from None
-    return check_model_dir(Path(path))
+    return check_model_dir(path)
 
 
 def check_model_dir(path: Path) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -291,24 +292,26 @@ _announced = False
 def smoke_mode() -> bool:
     """Whether to use the small stand-in models. The only reader of `SELFLLM_SMOKE`.
 
-    `1` forces smoke mode (CI sets it), `0` forces the real path, unset means smoke mode only
-    on a machine without a CUDA device, said once in one line.
+    `1` (or true/yes/on) forces smoke mode (CI sets it), `0` (false/no/off) forces the real
+    path, unset means smoke mode only on a machine without a CUDA device, said once in one line
+    on stderr (stdout may be JSON: `selfllm doctor --json`).
     """
     global _announced
-    value = os.environ.get("SELFLLM_SMOKE", "").strip()
-    if value == "1":
+    raw = os.environ.get("SELFLLM_SMOKE", "").strip()
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
         return True
-    if value == "0":
+    if value in ("0", "false", "no", "off"):
         return False
     if value:
-        raise ValueError(f"SELFLLM_SMOKE must be 0 or 1, got {value!r}")
+        raise ValueError(f"SELFLLM_SMOKE must be 1 (smoke models) or 0 (real models), got {raw!r}")
     import torch
 
     if torch.cuda.is_available():
         return False
     if not _announced:
         print("selfllm: no CUDA device found, running in smoke mode (small stand-in models; "
-              "set SELFLLM_SMOKE=0 to force the real models)")
+              "set SELFLLM_SMOKE=0 to force the real models)", file=sys.stderr)
         _announced = True
     return True
 

@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage", type=int, default=3, choices=distributed.ZERO_STAGES)
     p.add_argument("--offload", action="store_true", help="optimizer state and weights in CPU RAM")
     p.add_argument("--quant", default="bf16", choices=("bf16", "4bit"))
+    p.add_argument("--preset", default="course", choices=("course", "workshop"),
+                   help="workshop: registry.WORKSHOP's ~10-minute settings (real mode; smoke mode "
+                   "always uses the smoke config)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: the config's)")
     p.add_argument("--batch-tokens", type=int, help="tokens a packed micro-batch holds on each GPU "
                    "(default: fitted to the GPU by memory.token_budget)")
@@ -77,7 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_config(args: argparse.Namespace, smoke: bool) -> registry.TrainConfig:
     """The tutorial's TrainConfig (or its smoke version) with the command line's overrides."""
     tutorial = registry.get(args.tutorial)
-    cfg = registry.smoke_config(tutorial) if smoke else tutorial.config
+    if smoke:
+        cfg = registry.smoke_config(tutorial)
+    else:
+        cfg = registry.WORKSHOP[tutorial.key] if args.preset == "workshop" else tutorial.config
     changes: dict = {}
     if args.max_steps:
         changes["max_steps"] = args.max_steps

@@ -275,6 +275,14 @@ class LossCurve(TrainerCallback):
         self.every_s = 2.0  # redraw at most this often: drawing costs more than a tiny step
         self._drawn = 0.0
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start from the state's history: a resumed run's curve keeps the steps before the stop."""
+        history = state.log_history
+        self.steps = [h["step"] for h in history if "loss" in h]
+        self.losses = [float(h["loss"]) for h in history if "loss" in h]
+        self.eval_steps = [h["step"] for h in history if "eval_loss" in h]
+        self.eval_losses = [float(h["eval_loss"]) for h in history if "eval_loss" in h]
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         if "loss" in logs:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from selfllm_utils import cli, models, registry
+from selfllm_utils import cache, cli, models, registry
 
 
 def test_doctor_json_is_one_parsable_line(capsys):
@@ -33,13 +33,12 @@ def test_doctor_says_what_fits_a_24_gb_card():
     assert all(v.startswith("no GPU") for v in cli.fit_report(None).values())
 
 
-def test_download_offline_is_one_line(monkeypatch):
-    import modelscope
-
+def test_download_offline_is_one_line(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise ConnectionError("Max retries exceeded with url: /api/v1/models\n(more lines)")
 
-    monkeypatch.setattr(modelscope, "snapshot_download", offline)
+    monkeypatch.setenv("SELFLLM_HOME", str(tmp_path))
+    monkeypatch.setattr(cache, "fetch", offline)
     with pytest.raises(SystemExit) as err:
         cli.main(["download", "qwen2"])
     message = str(err.value)

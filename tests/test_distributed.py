@@ -192,6 +192,18 @@ def test_a_deepspeed_file_of_your_own_is_used(tmp_path: Path) -> None:
     assert train_zero3.deepspeed_plan(args) == (str(path), 2)  # the file's stage, not --stage
 
 
+def test_workshop_preset_reaches_the_training_script() -> None:
+    """Notebook 04 trains in a subprocess: the preset must travel as an option, not a notebook cfg."""
+    tutorial = registry.get("qwen1.5")
+    workshop = train_zero3.parse_args(["--output", "x", "--preset", "workshop"])
+    assert train_zero3.run_config(workshop, smoke=False) == registry.WORKSHOP[tutorial.key]
+    assert registry.WORKSHOP[tutorial.key] != tutorial.config  # the preset changes something
+    course = train_zero3.parse_args(["--output", "x"])
+    assert train_zero3.run_config(course, smoke=False) == tutorial.config
+    shorter = train_zero3.parse_args(["--output", "x", "--preset", "workshop", "--max-steps", "3"])
+    assert train_zero3.run_config(shorter, smoke=False).max_steps == 3  # options still override it
+
+
 def test_a_model_dir_that_is_no_model_is_refused_before_any_process_starts(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="no config.json"):
         train_zero3.main(["--output", str(tmp_path / "out"), "--model-dir", str(tmp_path)])

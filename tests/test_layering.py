@@ -17,8 +17,8 @@ import selfllm_utils
 
 PACKAGE = "selfllm_utils"
 PACKAGE_DIR = Path(selfllm_utils.__file__).parent
-ORDER = ["registry", "data", "smoke", "formatting", "models", "training", "checkpoints", "memory",
-         "inference", "distributed", "webdemo", "cli"]
+ORDER = ["registry", "quiet", "data", "smoke", "formatting", "cache", "models", "training",
+         "checkpoints", "memory", "inference", "distributed", "webdemo", "cli"]
 PRESENT = sorted(p.stem for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__")
 LISTED = [m for m in ORDER if m in PRESENT]
 

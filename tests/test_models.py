@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from selfllm_utils import models, registry
+from selfllm_utils import cache, models, registry
 
 KEY = "deepseek"  # tiny Llama: loads in milliseconds, and bitsandbytes quantises it on the CPU
 # LoRA r=8 on the seven projections of a 7-14B model trains about a quarter of a percent.
@@ -112,12 +112,10 @@ def test_check_model_dir_without_weights(tmp_path) -> None:
 
 
 def test_download_offline_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    import modelscope
-
     def offline(*args, **kwargs):
         raise ConnectionError("Max retries exceeded with url: /api/v1/models\nlong trace line")
 
-    monkeypatch.setattr(modelscope, "snapshot_download", offline)
+    monkeypatch.setattr(cache, "fetch", offline)
     monkeypatch.setenv("SELFLLM_HOME", str(tmp_path))
     tutorial = registry.get("qwen2")
     with pytest.raises(RuntimeError) as info:

@@ -120,19 +120,26 @@ def fresh_announcement(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "_announced", False)
 
 
-@pytest.mark.parametrize(("value", "expected"), [("1", True), ("0", False), (" 1 ", True)])
+@pytest.mark.parametrize(("value", "expected"), [
+    ("1", True), ("0", False), (" 1 ", True),
+    # what people type for a switch (issue 15: `SELFLLM_SMOKE=true` was a traceback)
+    ("true", True), ("True", True), ("yes", True), ("on", True),
+    ("false", False), ("FALSE", False), ("no", False), ("off", False),
+])
 def test_smoke_mode_env(value: str, expected: bool, monkeypatch: pytest.MonkeyPatch,
                         capsys: pytest.CaptureFixture[str], fresh_announcement: None) -> None:
     monkeypatch.setenv("SELFLLM_SMOKE", value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: not expected)  # env wins over hardware
     assert registry.smoke_mode() is expected
-    assert capsys.readouterr().out == ""  # a forced choice is not announced
+    captured = capsys.readouterr()
+    assert captured.out == captured.err == ""  # a forced choice is not announced
 
 
-@pytest.mark.parametrize("value", ["yes", "true", "2"])
+@pytest.mark.parametrize("value", ["2", "smoke", "y es"])
 def test_smoke_mode_invalid(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SELFLLM_SMOKE", value)
-    with pytest.raises(ValueError, match=rf"SELFLLM_SMOKE must be 0 or 1, got '{value}'"):
+    expected = rf"SELFLLM_SMOKE must be 1 \(smoke models\) or 0 \(real models\), got '{value}'"
+    with pytest.raises(ValueError, match=expected):
         registry.smoke_mode()
 
 
@@ -143,7 +150,9 @@ def test_smoke_mode_unset_without_cuda_announces_once(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert registry.smoke_mode() is True
     assert registry.smoke_mode() is True
-    lines = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    assert captured.out == ""  # stdout may be `selfllm doctor --json`: the notice goes to stderr
+    lines = captured.err.splitlines()
     assert len(lines) == 1 and "smoke mode" in lines[0] and "SELFLLM_SMOKE=0" in lines[0]
 
 

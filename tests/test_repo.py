@@ -102,3 +102,49 @@ def test_ci_pins_every_lower_bound() -> None:
     del bounds["torch"]
     assert bounds and {k: pins.get(k) for k in bounds} == bounds
     assert pins["bitsandbytes"] and pins["deepspeed"] and pins["gguf"]
+
+
+LEARNER_COMMAND_PREFIX = 'pip install -e ".[gpu,smoke]"'
+
+
+@pytest.mark.parametrize(("uid", "as_root"), [("0", True), ("1000", False)])
+def test_readme_learner_command_starts_jupyterlab_as_root_too(uid: str, as_root: bool) -> None:
+    """JupyterLab refuses root without --allow-root (AutoDL logs you in as root); others get none."""
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    commands = [line.strip() for line in README.read_text(encoding="utf-8").splitlines()
+                if line.strip().startswith(LEARNER_COMMAND_PREFIX)]
+    assert len(commands) == 1, f"README.md should hold one line starting with {LEARNER_COMMAND_PREFIX!r}"
+    launch = commands[0][commands[0].index("jupyter lab"):]
+    # the same line, with `id` answering as the given user and `jupyter` printing what it was given
+    script = f'id() {{ echo {uid}; }}; jupyter() {{ echo "$@"; }}; {launch}'
+    argv = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert argv[:2] == ["lab", "notebooks"]
+    assert ("--allow-root" in argv) is as_root
+
+
+def test_run_all_leaves_the_web_demo_running_and_nbval_starts_none() -> None:
+    """Notebook 03 used to start the demo and stop it in the next cell: "Run All" hid it at once.
+
+    The start and stop cells are NBVAL_SKIP (CI leaves no server behind); the stop cell, run as
+    "Run All" runs it, leaves the server alone until the learner flips its switch.
+    """
+    cells = _code_cells(NOTEBOOKS / registry.get("qwen2").notebook)
+    starts = [_source(c) for c in cells if "webdemo.serve(" in _source(c)]
+    stops = [_source(c) for c in cells if ".terminate()" in _source(c)]
+    assert starts and stops
+    assert all(source.startswith("# NBVAL_SKIP") for source in starts + stops)
+
+    class Server:
+        terminated = False
+
+        def terminate(self) -> None:
+            self.terminated = True
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 0
+
+    for source in stops:
+        server = Server()
+        exec(compile(source, "webdemo-stop", "exec"), {"server": server, "print": lambda *a: None})
+        assert not server.terminated, "Run All would stop the demo the learner just started"

@@ -189,6 +189,16 @@ def test_loss_curve_records_eval_loss(tmp_path) -> None:
     assert (tmp_path / "curve.png").read_bytes()[:4] == PNG_MAGIC
 
 
+def test_loss_curve_of_a_resumed_run_keeps_the_earlier_steps(tmp_path) -> None:
+    """Resumed at step 2, the Trainer restores the log history; the figure shows steps 1-3, not 3."""
+    curve = training.LossCurve(path=tmp_path / "curve.png", live=False)
+    restored = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.8}]
+    curve.on_train_begin(None, SimpleNamespace(log_history=restored), None)
+    curve.on_log(None, SimpleNamespace(global_step=3), None, logs={"loss": 1.2})
+    assert (curve.steps, curve.losses) == ([1, 2, 3], [2.0, 1.5, 1.2])
+    assert (curve.eval_steps, curve.eval_losses) == ([2], [1.8])
+
+
 def test_training_args_map_the_config(tmp_path) -> None:
     cfg = registry.TrainConfig(per_device_train_batch_size=3, gradient_accumulation_steps=5,
                                learning_rate=7e-4, num_train_epochs=2.5, max_steps=11, logging_steps=2,
