@@ -3,6 +3,7 @@
     selfllm doctor [--json]          versions, GPU, smoke or real mode, which tutorials fit and why
     selfllm download <tutorial>|--all   real weights from ModelScope into the course cache
     selfllm webdemo [--tutorial qwen2] [--adapter PATH] [--port N] [--address A]
+    selfllm eval --tutorial T [--adapter PATH] [--json]   the held-out evaluation of a trained adapter
 """
 
 from __future__ import annotations
@@ -112,6 +113,24 @@ def download(keys: list[str]) -> None:
         print(f"{key}: {tutorial.modelscope_id} -> {path}")
 
 
+def evaluate(key: str, adapter: str | None, as_json: bool) -> dict:
+    """The held-out report of an adapter (or the bare base), as the notebooks show it."""
+    import contextlib
+    from pathlib import Path
+
+    from . import evaluation, inference, models
+
+    tutorial = registry.get(key)
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise SystemExit(f"selfllm eval: no adapter_config.json in {adapter}: pass the folder "
+                         "inference.save_adapter wrote (e.g. output/qwen2-assistant/adapter)")
+    with contextlib.redirect_stdout(sys.stderr):  # --json: the report is all of stdout
+        model, tokenizer = inference.load_adapter(tutorial, adapter) if adapter else models.load_model(tutorial)
+        report = evaluation.evaluate(model, tokenizer, tutorial, label=adapter or "base")
+    print(json.dumps(report.to_dict(), ensure_ascii=False) if as_json else report.table())
+    return report.to_dict()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="selfllm", description="self-llm fine-tuning course")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter", help="a LoRA adapter folder saved by the course")
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--address", default="127.0.0.1", help="0.0.0.0 to serve a room (careful)")
+    p = sub.add_parser("eval", help="held-out evaluation of a trained adapter")
+    p.add_argument("--tutorial", required=True, choices=list(registry.TUTORIALS))
+    p.add_argument("--adapter", help="a LoRA adapter folder saved by the course (default: the base)")
+    p.add_argument("--json", action="store_true", help="one JSON object (for an instructor to collect)")
     args = parser.parse_args(argv)
     if args.command == "doctor":
         doctor(as_json=args.json)
@@ -132,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.all and not args.tutorial:
             parser.error("name a tutorial or pass --all")
         download(list(registry.TUTORIALS) if args.all else [args.tutorial])
+    elif args.command == "eval":
+        evaluate(args.tutorial, args.adapter, args.json)
     elif args.command == "webdemo":
         from . import webdemo
 

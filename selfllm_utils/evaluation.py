@@ -2,7 +2,7 @@
 
 The training loss does not show the silent failures learners report: a model that never stops,
 that answers every question with its new identity, or that forgot ordinary ones. `evaluate`
-asks questions the training data never held (dataset/heldout.json, dataset/huanhuan_heldout.json)
+asks questions the training data never held (dataset/heldout/)
 with `inference.chat`, greedy, and counts; for the Chat-甄嬛 tutorials it also scores the
 held-out reference answers with `metrics.token_accuracy`, the metric the Trainer logs.
 """
@@ -17,8 +17,8 @@ from . import data, formatting, inference, metrics, registry
 from .registry import Tutorial
 
 DATASET = registry.repo_root() / "dataset"
-HELDOUT = DATASET / "heldout.json"  # notebook 03: identity paraphrases and ordinary questions
-HUANHUAN_HELDOUT = DATASET / "huanhuan_heldout.json"  # notebooks 01, 02, 04: records with answers
+HELDOUT = DATASET / "heldout" / "identity.json"  # notebook 03: identity paraphrases and ordinary questions
+HUANHUAN_HELDOUT = DATASET / "heldout" / "huanhuan.json"  # notebooks 01, 02, 04: records with answers
 IDENTITY_TUTORIALS = ("qwen2",)  # trained on dataset/identity.json; the others on Chat-甄嬛
 ROWS = ("stop_share", "identity_share", "ordinary_share", "token_accuracy", "heldout_loss",
         "mean_new_tokens")
@@ -89,14 +89,23 @@ def heldout_scores(model, tokenizer, tutorial: Tutorial, records: list[dict]) ->
 
 def evaluate(model, tokenizer, tutorial: Tutorial, label: str = "", smoke_mode: bool | None = None,
              seed: int = 42) -> Report:
-    """Run the tutorial's held-out set through `inference.chat` (greedy) and count what it shows."""
-    from transformers import set_seed
+    """Run the tutorial's held-out set through `inference.chat` (greedy) and count what it shows.
 
-    smoke = registry.smoke_mode() if smoke_mode is None else smoke_mode
+    The caller's random state is restored afterwards, so a training cell after this one runs
+    exactly as it would without it.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _evaluate(model, tokenizer, tutorial, label,
+                         registry.smoke_mode() if smoke_mode is None else smoke_mode)
+
+
+def _evaluate(model, tokenizer, tutorial: Tutorial, label: str, smoke: bool) -> Report:
     limit, max_new = budget(tutorial, smoke)
     was_training = model.training
     model.eval()
-    set_seed(seed)
     name, identity, ordinary, records = None, [], [], []
     if tutorial.key in IDENTITY_TUTORIALS:
         held = json.loads(HELDOUT.read_text(encoding="utf-8"))
