@@ -62,7 +62,7 @@ def budget(tutorial: Tutorial, smoke: bool) -> tuple[int, int]:
     """
     if not smoke:
         return 100, 256
-    return (6, 24) if tutorial.smoke.kind == "tiny" else (14, 64)
+    return (6, 24) if tutorial.smoke.kind == "tiny" else (10, 64)
 
 
 def heldout_scores(model, tokenizer, tutorial: Tutorial, records: list[dict]) -> tuple[float, float]:
