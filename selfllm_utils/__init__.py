@@ -2,9 +2,9 @@
 
 Modules in reading order, each importing only those before it (tests/test_layering.py checks):
 registry -> data -> smoke -> formatting -> models -> training -> memory -> inference ->
-distributed -> webdemo -> cli. Notebooks import modules, not names, so a call says where its
-code lives: `from selfllm_utils import formatting; formatting.tokenize_messages(...)`.
+metrics -> evaluation -> distributed -> webdemo -> cli. Notebooks import modules, not names, so a
+call says where its code lives: `from selfllm_utils import formatting; formatting.tokenize_messages(...)`.
 """
 
 __all__ = ["registry", "data", "smoke", "formatting", "models", "training", "memory", "metrics",
-           "inference", "distributed", "webdemo", "exercises"]
+           "inference", "evaluation", "distributed", "webdemo", "exercises"]
