@@ -142,7 +142,7 @@ def figure(reports: list[Report], path: str | Path) -> Path:
         right.bar([i], [getattr(r, scale)], 0.6, label=r.label, color=f"C{i}")
     left.set_xticks([j + width * (len(reports) - 1) / 2 for j in range(len(shares))], shares)
     left.set_ylim(0, 1.05)
-    left.set_ylabel("share of held-out prompts")
+    left.set_ylabel("share (held-out set)")
     left.legend()
     right.set_xticks(range(len(reports)), [r.label for r in reports])
     right.set_title(scale)
