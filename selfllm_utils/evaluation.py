@@ -18,7 +18,7 @@ from .registry import Tutorial
 
 DATASET = registry.repo_root() / "dataset"
 HELDOUT = DATASET / "heldout" / "identity.json"  # notebook 03: identity paraphrases and ordinary questions
-HUANHUAN_HELDOUT = DATASET / "heldout" / "huanhuan.json"  # notebooks 01, 02, 04: records with answers
+HUANHUAN_HELDOUT = DATASET / "heldout" / "huanhuan_style.json"  # notebooks 01, 02, 04: records with answers
 IDENTITY_TUTORIALS = ("qwen2",)  # trained on dataset/identity.json; the others on Chat-甄嬛
 ROWS = ("stop_share", "identity_share", "ordinary_share", "token_accuracy", "heldout_loss",
         "mean_new_tokens")
