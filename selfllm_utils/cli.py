@@ -4,6 +4,7 @@
     selfllm download <tutorial>|--all   real weights from ModelScope into the course cache
     selfllm webdemo [--tutorial qwen2] [--adapter PATH] [--port N] [--max-context N] [--timeout S]
                     [--public [--address A] [--password]]   127.0.0.1 unless --public
+    selfllm eval --tutorial T [--adapter PATH] [--json]   the held-out evaluation of a trained adapter
 """
 
 from __future__ import annotations
@@ -143,6 +144,24 @@ def serve_demo(args: argparse.Namespace) -> int:
         raise SystemExit(f"selfllm webdemo: {err}") from None
 
 
+def evaluate(key: str, adapter: str | None, as_json: bool) -> dict:
+    """The held-out report of an adapter (or the bare base), as the notebooks show it."""
+    import contextlib
+
+    from . import evaluation, inference, models
+
+    tutorial = registry.get(key)
+    try:
+        adapter = str(inference.check_adapter(adapter)) if adapter else None
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"selfllm eval: {err}") from None
+    with contextlib.redirect_stdout(sys.stderr):  # --json: the report is all of stdout
+        model, tokenizer = inference.load_adapter(tutorial, adapter) if adapter else models.load_model(tutorial)
+        report = evaluation.evaluate(model, tokenizer, tutorial, label=adapter or "base")
+    print(json.dumps(report.to_dict(), ensure_ascii=False) if as_json else report.table())
+    return report.to_dict()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="selfllm", description="self-llm fine-tuning course")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, help="seconds without a new token (default 60)")
     p.add_argument("--first-token-timeout", type=float,
                    help="seconds to wait for the first token (default: 600 on a CPU)")
+    p = sub.add_parser("eval", help="held-out evaluation of a trained adapter")
+    p.add_argument("--tutorial", required=True, choices=list(registry.TUTORIALS))
+    p.add_argument("--adapter", help="a LoRA adapter folder saved by the course (default: the base)")
+    p.add_argument("--json", action="store_true", help="one JSON object (for an instructor to collect)")
     args = parser.parse_args(argv)
     if args.command == "doctor":
         doctor(as_json=args.json)
@@ -174,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             download(list(registry.TUTORIALS), command="selfllm download --all")
         else:
             download([args.tutorial])
+    elif args.command == "eval":
+        evaluate(args.tutorial, args.adapter, args.json)
     elif args.command == "webdemo":
         sys.exit(serve_demo(args))
 

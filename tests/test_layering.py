@@ -1,7 +1,7 @@
 """Imports follow the reading order: a module uses only modules taught before it.
 
 Parsed with `ast`, so function-level imports count too and nothing is executed. Modules that are
-not in ORDER (launch scripts such as train_zero3, helpers such as metrics) sit above the stack:
+not in ORDER (launch scripts such as train_zero3, helpers such as exercises) sit above the stack:
 they may import anything, and no module of ORDER may import them; place a module in ORDER to
 make it importable from the stack.
 """
@@ -18,7 +18,7 @@ import selfllm_utils
 PACKAGE = "selfllm_utils"
 PACKAGE_DIR = Path(selfllm_utils.__file__).parent
 ORDER = ["registry", "quiet", "data", "smoke", "formatting", "cache", "models", "training",
-         "checkpoints", "memory", "inference", "distributed", "webdemo", "cli"]
+         "checkpoints", "memory", "inference", "metrics", "evaluation", "distributed", "webdemo", "cli"]
 PRESENT = sorted(p.stem for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__")
 LISTED = [m for m in ORDER if m in PRESENT]
 
