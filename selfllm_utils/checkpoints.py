@@ -205,30 +205,37 @@ class Restored(TrainerCallback):
     """Notes what training started from, as the Trainer restored it (not what was asked for).
 
     `found` after training: the global step, the scheduler's step count and the optimizer's step
-    count at the start, and whether the RNG state at the first step equals the checkpoint's. A
+    count at the start, and whether the Trainer put the checkpoint's RNG state back (`watch`). A
     resume that silently restarted reads 0, 0, 0, False.
     """
 
     def __init__(self, checkpoint: str | Path | None = None):
         self.checkpoint = Path(checkpoint) if checkpoint else None
-        self.found: dict = {}
-        self._rng_checked = False
+        self.found: dict = {"rng_restored": False}
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        self.found = {"global_step": state.global_step,
-                      "scheduler_steps": getattr(lr_scheduler, "last_epoch", 0),
-                      "optimizer_steps": _optimizer_steps(optimizer), "rng_restored": False}
+        self.found.update({"global_step": state.global_step,
+                           "scheduler_steps": getattr(lr_scheduler, "last_epoch", 0),
+                           "optimizer_steps": _optimizer_steps(optimizer)})
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self._rng_checked or self.checkpoint is None:
-            return
+    def watch(self, trainer) -> None:
+        """Record whether the Trainer loads this checkpoint's RNG state: it does so inside its
+        loop (before or after drawing the first batch, by where the epoch stands), which no
+        callback sees, so its own loader is wrapped."""
         import torch
         from transformers.trainer_pt_utils import safe_globals  # numpy's RNG state, as the Trainer
 
-        self._rng_checked = True
-        rank = f"_{args.process_index}" if args.world_size > 1 else ""
-        path = self.checkpoint / f"rng_state{rank}.pth"
-        if path.is_file():  # the Trainer loads it just before the first step (weights_only too)
-            with safe_globals():
-                saved = torch.load(path, weights_only=True)["cpu"]
-            self.found["rng_restored"] = bool(torch.equal(saved, torch.random.get_rng_state()))
+        load = trainer._load_rng_state
+
+        def loading(checkpoint):
+            load(checkpoint)
+            if self.checkpoint is None or checkpoint is None:
+                return
+            rank = f"_{trainer.args.process_index}" if trainer.args.world_size > 1 else ""
+            path = Path(checkpoint) / f"rng_state{rank}.pth"
+            if Path(checkpoint).resolve() == self.checkpoint.resolve() and path.is_file():
+                with safe_globals():
+                    saved = torch.load(path, weights_only=True)["cpu"]
+                self.found["rng_restored"] = bool(torch.equal(saved, torch.random.get_rng_state()))
+
+        trainer._load_rng_state = loading

@@ -222,6 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     distributed.check_plan(args.quant, stage)
     if stage == 3:  # Liger's fused loss reads lm_head.weight directly, which ZeRO-3 leaves as an
         cfg = dataclasses.replace(cfg, use_liger=False)  # empty slice (trl#3368, trl#6372)
+    out = Path(args.output)
+    resume = plan_resume(args, out, cfg.max_steps)
+    if resume.finished:
+        return
     zero = (ds_config if isinstance(ds_config, dict) else json.loads(Path(ds_config).read_text()))["zero_optimization"]
     budget = memory.token_budget(tutorial, cfg, args.quant, zero_stage=stage,
                                  num_gpus=int(os.environ.get("WORLD_SIZE", "1")),
@@ -229,10 +233,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = budget.config
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"train_zero3: {budget}", flush=True)
-    out = Path(args.output)
-    resume = plan_resume(args, out, cfg.max_steps)
-    if resume.finished:
-        return
     # find (or build) the weights before any process group or DeepSpeed config exists: built under
     # either, the smoke model is saved by rank 0 only, or as empty slices. Download the real
     # weights before launching (the notebook does): every rank would fetch them at once.
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         compute_metrics=metrics.token_accuracy,
         preprocess_logits_for_metrics=metrics.preprocess_logits_for_metrics,
         callbacks=[clock, restored] + ([StopAt(args.stop_at_step)] if args.stop_at_step else []))
+    restored.watch(trainer)
     recorder = RecordingCollator(trainer.data_collator, train_ds)
     trainer.data_collator = recorder
     trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)

@@ -39,7 +39,9 @@ def test_the_defaults_are_what_a_learner_gets(bench, mix: str) -> None:
     for name, key in ((f"deepseek-qlora-course-{mix}", "deepseek"), (f"glm4-course-24g-{mix}", "glm4"),
                       (f"qwen2-course-24g-{mix}", "qwen2"), (f"qwen2-course-{mix}", "qwen2")):
         cfg = bench.CONFIGS[name][2]
-        assert cfg == dataclasses.replace(registry.get(key).config, max_length=bench.MIXES[mix][2]), name
+        # 6 GB: one 4,096-token example does not fit 4-bit DeepSeek-7B (token_budget refuses it)
+        longest = min(2048, bench.MIXES[mix][2]) if key == "deepseek" else bench.MIXES[mix][2]
+        assert cfg == dataclasses.replace(registry.get(key).config, max_length=longest), name
         assert cfg.batch_tokens is None and cfg.gradient_checkpointing is None
     assert bench.CONFIGS[f"qwen2-course-24g-{mix}"][3]["cap_gib"] == 24
     assert bench.CONFIGS[f"deepseek-qlora-course-{mix}"][3]["cap_gib"] == 5.5

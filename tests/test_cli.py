@@ -67,7 +67,14 @@ def test_cached_models_ignores_partial_folders(tmp_path, monkeypatch):
     assert cli.cached_models() == ["qwen2"]
 
 
+def _demo(argv):
+    """`selfllm webdemo ...` ends with the server's exit code (0: stopped cleanly)."""
+    with pytest.raises(SystemExit) as end:
+        cli.main(argv)
+    assert end.value.code == 0
+
+
 def test_webdemo_binds_127_0_0_1_by_default(streamlit_address, capsys):
-    assert streamlit_address(lambda: cli.main(["webdemo"])) == "127.0.0.1"
+    assert streamlit_address(lambda: _demo(["webdemo"])) == "127.0.0.1"
     assert "127.0.0.1" in capsys.readouterr().out
-    assert streamlit_address(lambda: cli.main(["webdemo", "--address", "0.0.0.0"])) == "0.0.0.0"
+    assert streamlit_address(lambda: _demo(["webdemo", "--public"])) == "0.0.0.0"  # only when asked
