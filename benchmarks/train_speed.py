@@ -292,13 +292,13 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     if quant == "4bit":  # packed 4-bit weights count two parameters per byte
         n_params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1)
                        for n, p in model.named_parameters() if "embed_tokens" not in n)
-    est = budget.estimate if budget else None
+    est = budget.estimate if budget and not trl else None  # TRL packs its own lengths
     return {
         "config": name, "gpu": torch.cuda.get_device_name(0), "mix": opts["mix"], "tokens_per_s": round(tps),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "estimate_allocated_gib": round(est.total_gib - est.overhead_gib, 2) if est else None,
-        "batch_tokens": None if trl else cfg.batch_tokens, "budget": budget.reason if budget else None,
+        "batch_tokens": None if trl else cfg.batch_tokens, "budget": budget.reason if est else None,
         "mfu": round(4 * n_params * tps / (tflops * 1e12), 4), "matmul_tflops": round(tflops),
         "loss_last5": round(sum(losses[-5:]) / len(losses[-5:]), 4),
         "losses": [round(x, 4) for x in losses], "load_s": round(load_s, 1),
