@@ -206,17 +206,14 @@ def profiled(steps: range, out: Path):
 
 def counting(collate, counts: list[int]):
     """Wrap a collator to count the real tokens of every micro-batch it builds (packed rows too)."""
+    from selfllm_utils import training
+
 
     def run(features):
-        counts.append(sum(len(ids) for f in features for ids in _sequences(f)))
+        counts.append(sum(len(ids) for f in features for ids in training.sequences(f)))
         return collate(features)
 
     return run
-
-
-def _sequences(feature: dict) -> list[list[int]]:
-    ids = feature["input_ids"]
-    return ids if ids and isinstance(ids[0], list) else [ids]
 
 
 def padded_packs(tokenizer):

@@ -68,9 +68,9 @@ def fit_report(memory_gib: float | None) -> dict[str, str]:
     report = {}
     for t in registry.TUTORIALS.values():
         quant = "4bit" if t.key == "deepseek" else "bf16"  # notebook 01's default path
-        least = memory.estimate_memory(t, quant, batch_tokens=t.config.max_length, optimizer=t.config.optim,
-                                       liger=t.config.use_liger, embeddings_on_cpu=t.config.embeddings_on_cpu)
         if memory_gib is None:
+            least = memory.estimate_memory(t, quant, batch_tokens=t.config.max_length, optimizer=t.config.optim,
+                                           liger=t.config.use_liger, embeddings_on_cpu=t.config.embeddings_on_cpu)
             report[t.key] = (f"no GPU: smoke mode only (the real recipe needs at least "
                              f"~{least.total_gib:.0f} GiB, {quant})")
             continue

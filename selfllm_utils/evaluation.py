@@ -113,15 +113,17 @@ def _evaluate(model, tokenizer, tutorial: Tutorial, label: str, smoke: bool) -> 
     else:
         records = data.load_records(HUANHUAN_HELDOUT)[0][:limit]
     prompts = identity + ordinary + [r["instruction"] for r in records]
-    replies = [inference.chat(model, tokenizer, q, tutorial.family, system=tutorial.system_prompt,
-                              max_new_tokens=max_new) for q in prompts]
+    try:
+        replies = [inference.chat(model, tokenizer, q, tutorial.family, system=tutorial.system_prompt,
+                                  max_new_tokens=max_new) for q in prompts]
+        loss, accuracy = heldout_scores(model, tokenizer, tutorial, records) if records else (None, None)
+    finally:
+        model.train(was_training)
     answers = {q: r.text for q, r in zip(prompts, replies)}
 
     def share(questions: list[str], with_name: bool) -> float | None:
         return sum((name in answers[q]) == with_name for q in questions) / len(questions) if questions else None
 
-    loss, accuracy = heldout_scores(model, tokenizer, tutorial, records) if records else (None, None)
-    model.train(was_training)
     return Report(label, len(prompts), max_new, sum(r.stopped for r in replies) / len(replies),
                   sum(len(r.token_ids) for r in replies) / len(replies), share(identity, True),
                   share(ordinary, False), loss, accuracy, answers)

@@ -332,7 +332,7 @@ def _largest_fit(t: Tutorial, usable: float, checkpointing: bool, **kw) -> int:
 def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16",
                  gpu_gib: float | None = None, zero_stage: int = 0, num_gpus: int = 1,
                  offload: bool = False) -> TokenBudget:
-    """The one reader of `cfg.batch_tokens`: how many tokens a packed micro-batch holds here.
+    """The one place that sets `cfg.batch_tokens`: how many tokens a packed micro-batch holds here.
 
     Set by hand (`cfg.batch_tokens`), it is kept (with a warning if the estimate says it will
     not fit). Otherwise, on a CPU, the fixed `registry.CPU_BATCH_TOKENS`; on a GPU, the largest
@@ -374,7 +374,7 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
     usable = gib * (1 - MARGIN)
     fits = {c: _largest_fit(t, usable, c, **kw) for c in ([False, True] if ckpt is None else [ckpt])}
     if ckpt is None:
-        ckpt = fits[False] < min(AUTO_NO_CHECKPOINT_TOKENS, MAX_BATCH_TOKENS) or fits[False] < cfg.max_length
+        ckpt = fits[False] < AUTO_NO_CHECKPOINT_TOKENS or fits[False] < cfg.max_length
         why = (f"without it only {fits[False]:,} would fit" if ckpt else "the card holds a full budget without it")
     else:
         why = "as set"

@@ -71,8 +71,8 @@ class TrainConfig:
     """Training knobs of one run. Smoke and workshop runs are `dataclasses.replace` of these.
 
     Packed runs (`packing=True`, the course's path) size a micro-batch by tokens, not sequences:
-    `batch_tokens` is the budget, and `memory.token_budget` is the one function that reads it
-    (None there means: fit it to this GPU's free memory). Checks its values on creation, so a
+    `batch_tokens` is the budget, and `memory.token_budget` is the one function that sets it
+    (None means: fit it to this GPU's free memory). Checks its values on creation, so a
     typo fails here, not forty lines into a training run.
     """
 

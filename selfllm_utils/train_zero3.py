@@ -129,6 +129,17 @@ def load_splits(args: argparse.Namespace, tutorial: registry.Tutorial, tokenizer
     return train, evals
 
 
+def card_gib() -> float | None:
+    """This rank's GPU memory, total not free: every rank of a launch reads the same figure (free
+    memory differs between ranks at the moment they ask), so all pack their data alike."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.cuda.get_device_properties(device).total_memory / memory.GIB
+
+
 def fingerprint(ids: list[int]) -> str:
     """A short hash of one example's token ids, to compare what each rank trained on."""
     return hashlib.sha1(str(list(ids)).encode()).hexdigest()[:10]
@@ -149,17 +160,12 @@ class RecordingCollator:
 
     def __call__(self, features):
         # a packed row (training.pack_dataset) holds several examples' ids
-        seqs = [ids for f in features
-                for ids in (f["input_ids"] if _nested(f["input_ids"]) else [f["input_ids"]])]
+        seqs = [ids for f in features for ids in training.sequences(f)]
         prints = [fingerprint(ids) for ids in seqs]
         if prints and all(p in self.train for p in prints):
             self.batches.append(prints)
             self.tokens.append(sum(len(ids) for ids in seqs))
         return self.collate(features)
-
-
-def _nested(ids) -> bool:
-    return bool(ids) and isinstance(ids[0], list)
 
 
 class StopAt(TrainerCallback):
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume.finished:
         return
     zero = (ds_config if isinstance(ds_config, dict) else json.loads(Path(ds_config).read_text()))["zero_optimization"]
-    budget = memory.token_budget(tutorial, cfg, args.quant, zero_stage=stage,
+    budget = memory.token_budget(tutorial, cfg, args.quant, gpu_gib=card_gib(), zero_stage=stage,
                                  num_gpus=int(os.environ.get("WORLD_SIZE", "1")),
                                  offload="offload_optimizer" in zero)
     cfg = budget.config

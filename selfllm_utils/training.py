@@ -154,6 +154,12 @@ def pack_dataset(ds, budget: int):
     return packed, report
 
 
+def sequences(feature: dict) -> list[list[int]]:
+    """The token ids of each example in a dataset row: several in a packed row, one otherwise."""
+    ids = feature["input_ids"]
+    return ids if ids and isinstance(ids[0], list) else [ids]
+
+
 def _packed(ds) -> bool:
     """Whether a dataset's rows are already micro-batches (`pack_dataset`'s output)."""
     feature = ds.features["input_ids"]
