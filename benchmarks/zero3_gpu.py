@@ -2,18 +2,22 @@
 
 Random weights in the reference shape (`train_speed.build_random_model`), Chat-甄嬛 tokenized by the
 family's stand-in tokenizer, LoRA r=8 on every projection, the course config. Every run is
-`torchrun -m selfllm_utils.train_zero3 --model-dir ...`, the script notebook 04 launches. One JSON
-line per run; run on a machine with 2 GPUs:
+`torchrun -m selfllm_utils.train_zero3 --model-dir ...`, the script notebook 04 launches, its
+micro-batches sized by the token budget of its plan. One JSON line per run:
 
-    python benchmarks/zero3_gpu.py --data huanhuan.json              # every run, in this order
-    python benchmarks/zero3_gpu.py --data huanhuan.json --only 1gpu,2gpu
+    python benchmarks/zero3_gpu.py --data huanhuan.json              # the runs this machine's GPUs allow
+    python benchmarks/zero3_gpu.py --data huanhuan.json --only 1gpu,2gpu,resume
 
-- `2gpu`, `1gpu`, `2gpu-offload`, `1gpu-offload`: ZeRO-3 with and without CPU offload of weights
-  and optimizer state: tokens/s (all GPUs), peak memory per GPU, scaling efficiency (2 GPUs
-  against 2 x 1 GPU).
-- `resume`: the `2gpu` run stopped at the middle checkpoint, as if the job died, then `--resume`d:
-  its losses after the stop against the uninterrupted `2gpu` run's, and the saved adapter reloaded
-  in a fresh plain process (no DeepSpeed, one GPU): its logits against the trained model's.
+- `1gpu`, `2gpu`, `4gpu`: the plan the course picks on these cards (`--plan auto`; on 141 GB
+  H200s replicated weights, "ddp"): tokens/s (all GPUs), peak memory per GPU, scaling efficiency
+  (N GPUs against N x 1 GPU).
+- `1gpu-zero3`, `2gpu-zero3`, `4gpu-zero3`: the seed's plan, ZeRO-3, forced (`--plan zero3`).
+- `1gpu-24g`, `2gpu-24g`, `4gpu-24g`: the plan for 24 GB cards (`--gpu-gib 24`: planned, fitted
+  and capped as if each GPU had 24 GiB; ZeRO-3 + offload on 1-2 of them).
+- `resume`: the `Ngpu` run (N: --resume-gpus) stopped at the middle checkpoint, as if the job died,
+  then `--resume`d: what the Trainer restored, its losses after the stop against the
+  uninterrupted run's, and the saved adapter reloaded in a fresh plain process (no DeepSpeed,
+  one GPU): its logits against the trained model's.
 - `seed-json`: seed 003's own DeepSpeed JSON (DeepSpeed's AdamW, optimizer and weight offload,
   1e6 buckets; fp16 switched to bf16) on the smoke model: does its offload bug still happen?
 """
@@ -37,13 +41,9 @@ STEPS = 10  # optimizer steps of each run; the first 2 are warm-up, not timed
 
 # name: (GPUs, extra arguments of train_zero3)
 RUNS: dict[str, tuple[int, list[str]]] = {
-    "1gpu": (1, []),
-    "2gpu": (2, []),
-    "resume": (2, []),
-    "seed-json": (2, []),
-    "2gpu-offload": (2, ["--offload"]),
-    "1gpu-offload": (1, ["--offload"]),
-}
+    f"{n}gpu{suffix}": (n, extra) for suffix, extra in
+    (("", []), ("-zero3", ["--plan", "zero3"]), ("-24g", ["--gpu-gib", "24"])) for n in (1, 2, 4)}
+RUNS.update({"resume": (0, []), "seed-json": (2, [])})  # resume: --resume-gpus GPUs, plan auto
 
 # Seed 003's deepspeed_config.json, fp16 replaced by bf16 "auto" (the Trainer runs in bf16).
 SEED_DS = {
@@ -82,7 +82,8 @@ def summary(name: str, out: Path, seconds: float) -> dict:
     accuracy = training.logged(out, "eval_accuracy")
     loss = training.logged(out)
     ranks = info["ranks"]
-    return {"run": name, "gpus": len(ranks), "offload": info["offload"], "steps": max(loss),
+    return {"run": name, "gpus": len(ranks), "plan": info["plan"], "batch_tokens": info["batch_tokens"],
+            "checkpointing": info["gradient_checkpointing"], "budget": info["budget"], "steps": max(loss),
             "tokens_per_s": round(training.tokens_per_second(info, info["gradient_accumulation_steps"])),
             "tokens_per_step": sum(sum(r["tokens"]) for r in ranks) // max(1, len(ranks[0]["step_times"])),
             "peak_allocated_gib": [round(r.get("peak_allocated_gib", 0), 2) for r in ranks],
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/zero3-gpu", help="model folder and run outputs")
     parser.add_argument("--only", help="comma-separated run names (default: all, in order)")
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--resume-gpus", type=int, help="GPUs of the resume run (default: up to 2)")
     parser.add_argument("--check-adapter", nargs=2, metavar=("RUN", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--build-model", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -164,8 +166,11 @@ def main() -> None:
               "--eval-steps", steps, "--eval-fraction", "0.02"]
     env = {"SELFLLM_SMOKE": "0"}
     done: dict[str, dict] = {}
-    for name in args.only.split(",") if args.only else RUNS:
+    have = gpu_count()
+    resume_gpus = args.resume_gpus or min(2, have)
+    for name in args.only.split(",") if args.only else [n for n, (g, _) in RUNS.items() if g <= have]:
         gpus, extra = RUNS[name]
+        gpus = gpus or resume_gpus
         out = work / name
         if name == "seed-json":  # the smoke model: the bug is in the offload code path, not the size
             path = work / "seed_ds.json"
@@ -185,10 +190,12 @@ def main() -> None:
                 secs += more
             line = {"run": name, "exit_code": code, "wall_s": round(secs)}
             if code == 0:
+                info = json.loads((out / train_zero3.RUN_INFO).read_text())
+                line.update(gpus=gpus, plan=info["plan"], restored=info["restored"])
                 resumed = training.logged(out)
                 line["losses_after_resume"] = {s: resumed[s] for s in sorted(resumed) if s > int(half)}
-                if "2gpu" in done:
-                    straight = training.logged(work / "2gpu")
+                if f"{gpus}gpu" in done:
+                    straight = training.logged(work / f"{gpus}gpu")
                     line["uninterrupted"] = {s: straight[s] for s in line["losses_after_resume"]}
                 check = subprocess.run([sys.executable, __file__, "--data", args.data,
                                         "--check-adapter", str(out), str(model_dir)],
@@ -203,10 +210,21 @@ def main() -> None:
             line["log_tail"] = Path(f"{out}.log").read_text()[-1500:]
         done[name] = line
         print(json.dumps(line), flush=True)
-    for two, one in (("2gpu", "1gpu"), ("2gpu-offload", "1gpu-offload")):
-        if "tokens_per_s" in done.get(two, {}) and "tokens_per_s" in done.get(one, {}):
-            print(json.dumps({"scaling_efficiency": f"{two} / (2 x {one})", "value": round(
-                done[two]["tokens_per_s"] / (2 * done[one]["tokens_per_s"]), 3)}), flush=True)
+    for suffix in ("", "-zero3", "-24g"):
+        one = done.get(f"1gpu{suffix}", {})
+        for n in (2, 4):
+            many = done.get(f"{n}gpu{suffix}", {})
+            if "tokens_per_s" in many and "tokens_per_s" in one:
+                print(json.dumps({"scaling_efficiency": f"{n}gpu{suffix} / ({n} x 1gpu{suffix})",
+                                  "plans": [one["plan"], many["plan"]], "value": round(
+                                      many["tokens_per_s"] / (n * one["tokens_per_s"]), 3)}), flush=True)
+
+
+def gpu_count() -> int:
+    """GPUs on this machine, asked in a child process: this one never touches CUDA."""
+    found = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True)
+    return int(found.stdout.strip() or 0)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Several GPUs with DeepSpeed ZeRO: the config files, the launch plan, the process group.
+"""Several GPUs: which plan (replicated or ZeRO), its config files, the process group.
 
 The seed wrote three files by hand that must agree: DeepSpeed's JSON, accelerate's YAML and the
 `TrainingArguments`. Where they disagree on batch size, accumulation or learning rate, DeepSpeed
@@ -9,9 +9,15 @@ in, and the files are built by functions the tests load with DeepSpeed's own par
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+
+from . import memory, registry
+from .registry import TrainConfig, Tutorial
 
 # ZeRO partitions across the processes (Rajbhandari et al. 2020): stage 1 the optimizer state,
 # stage 2 also the gradients, stage 3 also the weights themselves.
@@ -164,16 +170,135 @@ def check_plan(quant: str, zero_stage: int | None) -> None:
             "(notebook 01), or bf16 LoRA with ZeRO-3 (--quant bf16)")
 
 
-def setup_process_group() -> dict:
-    """Join the launcher's process group before `TrainingArguments(deepspeed=...)` is built.
+# The plans `choose_plan` tries, cheapest in communication first. "ddp": every GPU holds the whole
+# bf16 model and only the LoRA gradients (a few MB) are averaged each step. "zero3": the weights
+# are split across the GPUs and every layer is all-gathered for each forward and backward, which
+# LoRA needs only while the weights do not fit one card. "-offload": weights and optimizer state
+# wait in CPU RAM.
+PLANS = ("ddp", "zero3", "zero3-offload")
+# a plan fits when a micro-batch of this many tokens (or one max_length example, if longer) does
+PLAN_MIN_TOKENS = memory.DEFAULT_BATCH_TOKENS
+
+
+def plan_name(stage: int | None, offload: bool = False) -> str:
+    """"ddp" without ZeRO, else "zero<stage>" with "-offload" when offloading."""
+    return "ddp" if stage is None else f"zero{stage}" + ("-offload" if offload else "")
+
+
+def parse_plan(name: str) -> tuple[int | None, bool]:
+    """(ZeRO stage or None, offload) of a plan name such as "ddp", "zero3" or "zero2-offload"."""
+    for stage in (None, *ZERO_STAGES):
+        for offload in (False, True) if stage else (False,):
+            if plan_name(stage, offload) == name:
+                return stage, offload
+    raise ValueError(f"unknown plan {name!r}: use ddp, zero1, zero2 or zero3, optionally with -offload")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the processes share a run: the ZeRO stage (None: replicated, DDP), offload, and the
+    token budget of each GPU's micro-batch under that plan."""
+
+    stage: int | None
+    offload: bool
+    budget: memory.TokenBudget
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return plan_name(self.stage, self.offload)
+
+    def deepspeed(self) -> dict | None:
+        """The DeepSpeed config of this plan, or None for plain data parallelism."""
+        return None if self.stage is None else deepspeed_config(self.stage, self.offload)
+
+    def __str__(self) -> str:
+        return f"plan: {self.name} ({self.reason}); {self.budget}"
+
+
+def plan_config(cfg: TrainConfig, stage: int | None) -> TrainConfig:
+    """`cfg` as this plan can run it: no Liger loss under ZeRO-3, which reads lm_head.weight
+    directly, an empty slice there (trl#3368, trl#6372)."""
+    return dataclasses.replace(cfg, use_liger=False) if stage == 3 else cfg
+
+
+def choose_plan(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16",
+                gpu_gib: float | None = None, num_gpus: int = 1, force: str | None = None) -> Plan:
+    """The first of PLANS whose step fits each GPU's `gpu_gib`, or the plan `force` names.
+
+    "Fits" is read by `memory.token_budget`, the same reader that sizes single-GPU steps: a plan
+    fits when its budget holds PLAN_MIN_TOKENS (or one `cfg.max_length` example, if longer; or
+    the `cfg.batch_tokens` set by hand).
+    The budget then sizes every micro-batch, so the memory per GPU depends on the plan and the
+    card, never on how long the data's chats are. 4-bit weights cannot be split by ZeRO-3, so
+    QLoRA is replicated. Without CUDA (`gpu_gib` None) nothing is worth splitting: "ddp".
+
+    Raises:
+        ValueError: nothing fits, or a forced plan that cannot hold one `max_length` example.
+    """
+    t = registry.get(tutorial) if isinstance(tutorial, str) else tutorial
+    if force:
+        stage, offload = parse_plan(force)
+        check_plan(quant, stage)
+        run = plan_config(cfg, stage)
+        return Plan(stage, offload, memory.token_budget(t, run, quant, gpu_gib, stage or 0, num_gpus,
+                                                        offload), "set by hand")
+    if gpu_gib is None:
+        return Plan(None, False, memory.token_budget(t, cfg, quant, None),
+                    "no GPU: nothing to split, every process holds the model")
+    need = cfg.batch_tokens or max(PLAN_MIN_TOKENS, cfg.max_length)  # a budget set by hand is kept
+    tried: list[str] = []
+    for name in PLANS if quant == "bf16" else ("ddp",):
+        stage, offload = parse_plan(name)
+        try:
+            budget = memory.token_budget(t, plan_config(cfg, stage), quant, gpu_gib, stage or 0,
+                                         num_gpus, offload)
+        except ValueError:
+            budget = None
+        if budget and budget.tokens >= need and budget.fits:
+            why = (f"{', '.join(tried)}; " if tried else "") + (
+                f"{num_gpus} x {gpu_gib:.0f} GiB hold {budget.tokens:,} tokens a GPU")
+            return Plan(stage, offload, budget, why)
+        if budget and not budget.fits:
+            peak = budget.estimate.total_gib - budget.estimate.overhead_gib
+            tried.append(f"{name}: {budget.tokens:,} tokens need ~{peak:.1f} GiB")
+        else:
+            tried.append(f"{name}: only {budget.tokens if budget else 0:,} of {need:,} tokens fit")
+    raise ValueError(f"{t.key} ({quant}) does not fit {num_gpus} x {gpu_gib:.1f} GiB: "
+                     f"{'; '.join(tried)}; use more GPUs, a lower "
+                     + ("batch_tokens" if cfg.batch_tokens else "max_length")
+                     + (" or 4-bit on one GPU (notebook 01)" if quant == "bf16" else ""))
+
+
+def plan_table(tutorial: Tutorial | str, cfg: TrainConfig, cards: tuple[float, ...] = (24, 48, 80, 141),
+               gpus: tuple[int, ...] = (1, 2, 4)) -> str:
+    """A Markdown table: for each card size and GPU count, the plan `choose_plan` picks, its
+    micro-batch and estimated peak per GPU (what notebook 04 shows)."""
+    rows = ["| GPU memory | GPUs | plan | tokens a GPU | estimated peak a GPU (GiB) |",
+            "| ---: | ---: | --- | ---: | ---: |"]
+    for gib in cards:
+        for n in gpus:
+            try:
+                plan = choose_plan(tutorial, cfg, gpu_gib=gib, num_gpus=n)
+            except ValueError:
+                rows.append(f"| {gib:g} GiB | {n} | does not fit | | |")
+                continue
+            rows.append(f"| {gib:g} GiB | {n} | {plan.name} | {plan.budget.tokens:,} | "
+                        f"{plan.budget.estimate.total_gib:.1f} |")
+    return "\n".join(rows)
+
+
+def setup_process_group(deepspeed: bool = True) -> dict:
+    """Join the launcher's process group before `TrainingArguments` is built.
 
     On GPUs DeepSpeed and accelerate find NCCL themselves. Without CUDA (CI, a laptop) the group
-    must be gloo (`deepspeed.init_distributed(dist_backend="gloo")`), and accelerate must be told
-    so too: left alone it finds no accelerator backend and reports one process on every rank, so
-    each rank trains on the same batches and every rank writes the checkpoint. A `PartialState`
-    built here with gloo is the state the Trainer then reuses. DeepSpeed's shared-memory
-    all-reduce for CPUs is switched off: a C++ build of one to two minutes on first use, which
-    a smoke run does not need.
+    must be gloo, and accelerate must be told so: left alone it finds no accelerator backend and
+    reports one process on every rank, so each rank trains on the same batches and every rank
+    writes the checkpoint. A `PartialState` built here with gloo is the state the Trainer then
+    reuses. Under DeepSpeed (`deepspeed=True`) DeepSpeed joins first
+    (`deepspeed.init_distributed(dist_backend="gloo")`), with its shared-memory all-reduce for
+    CPUs switched off: a C++ build of one to two minutes on first use, which a smoke run does
+    not need.
 
     Returns:
         Extra `TrainingArguments` keywords (empty on GPUs, or outside a launcher).
@@ -182,13 +307,45 @@ def setup_process_group() -> dict:
 
     if "LOCAL_RANK" not in os.environ or torch.cuda.is_available():
         return {}
-    import deepspeed
-    import deepspeed.ops
     from accelerate import PartialState
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # DeepSpeed's own switch
-    deepspeed.init_distributed(dist_backend="gloo")
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if deepspeed:
+        import deepspeed as ds
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # DeepSpeed's own switch
+        ds.init_distributed(dist_backend="gloo")
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
     return {"accelerator_config": {"use_configured_state": True}}
 
+
+def check_shared_output(folder: Path) -> None:
+    """Every process must see the same `folder`: rank 0 alone writes the adapter and checkpoint
+    files there, and every process reads them back on `--resume`. On two machines that means a
+    shared filesystem (NFS, say); without one, machine 2 would resume from nothing. Call it on
+    every rank, after the process group exists; all raise the same one line if any rank fails.
+
+    Raises:
+        SystemExit: a rank does not see rank 0's file in `folder`.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mark = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(mark, src=0)
+    probe = Path(folder) / f".shared-{mark[0]}"
+    if dist.get_rank() == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(mark[0])
+    dist.barrier()
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, probe.is_file() and probe.read_text() == mark[0])
+    dist.barrier()
+    if dist.get_rank() == 0:
+        probe.unlink()
+    blind = [rank for rank, ok in enumerate(seen) if not ok]
+    if blind:
+        raise SystemExit(f"--output {folder}: ranks {blind} do not see what rank 0 writes there; on "
+                         "several machines put --output on a filesystem they all share (NFS)")

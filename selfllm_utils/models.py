@@ -122,11 +122,13 @@ def load_model(tutorial: Tutorial, quant: str = "bf16", smoke_mode: bool | None 
     """(model, tokenizer) of a tutorial: bf16 (or fp32 on a CPU), or 4-bit with quant="4bit".
 
     The model's generation config gets the family's stop tokens, so `generate` and anything
-    saved from this model stop at the end of a turn. Under a distributed launcher (DeepSpeed)
-    no device_map is set: the engine places the weights. `path`, a local model folder, is
-    checked first (`check_model_dir`); without it, the download or the smoke stand-in.
+    saved from this model stop at the end of a turn. On a GPU the model goes to this process's
+    GPU (LOCAL_RANK under a launcher), except under ZeRO-3, where DeepSpeed places the slices.
+    `path`, a local model folder, is checked first (`check_model_dir`); without it, the
+    download or the smoke stand-in.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     if quant not in ("bf16", "4bit"):
         raise ValueError(f"quant must be 'bf16' or '4bit', got {quant!r}")
@@ -137,8 +139,9 @@ def load_model(tutorial: Tutorial, quant: str = "bf16", smoke_mode: bool | None 
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     dtype = load_dtype()
     kwargs = {"dtype": dtype}
-    if cuda and "WORLD_SIZE" not in os.environ:
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if cuda and not is_deepspeed_zero3_enabled():  # under ZeRO-3, DeepSpeed places each slice
+        rank = os.environ.get("LOCAL_RANK")
+        kwargs["device_map"] = {"": int(rank) if rank else torch.cuda.current_device()}
     if quant == "4bit":
         kwargs["quantization_config"] = _quantization(dtype)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -247,10 +247,10 @@ WORKSHOP: dict[str, TrainConfig] = {
     # Unchanged, nothing given up: it trains on the 91-record identity set, not Chat-甄嬛; at
     # most ~60 tokens a record, all its epochs at 12,194 tokens/s take about a minute or less.
     "qwen2": dataclasses.replace(TUTORIALS["qwen2"].config),
-    # 14B on 24 GB cards needs ZeRO-3 with --offload: 16-17 GiB allocated per GPU instead of
-    # 30-41 (README, measured on H200s, 2026-11-26). One GPU at 1,796 tokens/s: ~9.6 min an
-    # epoch on a consumer card, the edge; two (3,025) ~5.7 min. Gives up 2 epochs and answers
-    # over 256 tokens (cut, end token kept): a demo of the method.
+    # 14B on 24 GB cards: distributed.choose_plan picks ZeRO-3 with offload there, 2,387 tokens/s
+    # at 21.3 GiB allocated on one H200 under a 24 GiB cap (README, 2026-12-02): ~7.2 min an
+    # epoch on a consumer card (2 GPUs not measured with the token budget). Gives up 2 epochs
+    # and answers over 256 tokens (cut, end token kept): a demo of the method.
     "qwen1.5": dataclasses.replace(TUTORIALS["qwen1.5"].config, num_train_epochs=1, max_length=256),
 }
 

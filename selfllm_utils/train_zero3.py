@@ -1,16 +1,20 @@
-"""LoRA on several GPUs with DeepSpeed ZeRO: the course's launch script (tutorial 04, Qwen1.5-14B).
+"""LoRA on several GPUs, replicated or with DeepSpeed ZeRO: the course's launch script (tutorial 04).
 
-One process per GPU, started by a launcher:
+One process per GPU, started by a launcher, on one machine or several:
 
+    torchrun --nproc_per_node 4 -m selfllm_utils.train_zero3 --tutorial qwen1.5 --output output/qwen1.5-zero3
     accelerate launch --config_file output/configs/accelerate_zero3_offload.yaml \\
         -m selfllm_utils.train_zero3 --tutorial qwen1.5 --output output/qwen1.5-zero3
-    torchrun --nproc_per_node 4 -m selfllm_utils.train_zero3 --tutorial qwen1.5 \\
-        --output output/qwen1.5-zero3 --offload
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 29500 \\
+        -m selfllm_utils.train_zero3 --tutorial qwen1.5 --output /shared/qwen1.5-zero3   # and rank 1
 
-Under `accelerate launch` the DeepSpeed JSON named in its YAML is used; otherwise `--stage` and
-`--offload` build one (`distributed.deepspeed_config`). Without CUDA (CI) the processes talk over
-gloo and the smoke model stands in, so the same code path runs on a laptop. Download the real
-weights before launching (`selfllm download qwen1.5`): otherwise every process fetches them at once.
+The plan comes from each GPU's memory (`distributed.choose_plan`): replicated weights (plain data
+parallelism) where a card holds the bf16 model and a step, ZeRO-3 where it does not, offload only
+where even that is short; `--plan`, `--stage`/`--offload`, `--deepspeed` or accelerate's YAML
+force one. Without CUDA (CI) the processes talk over gloo and the smoke model stands in, so the
+same code path runs on a laptop. Download the real weights before launching (`selfllm download
+qwen1.5`): otherwise every process fetches them at once. On several machines `--output` must be
+a folder they all share (checked before training: `distributed.check_shared_output`).
 
 Steps, as in the seed: records -> train/eval split -> chat template -> LoRA -> Trainer with
 evaluation (token accuracy) and the best checkpoint kept -> the adapter saved whole. `--resume`
@@ -50,10 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(data.find_huanhuan), the course's 40-record sample in smoke mode")
     p.add_argument("--model-dir", help="a local model folder (weights copied from elsewhere); "
                    "default: the registry's ModelScope download, or the smoke model")
+    p.add_argument("--plan", default="auto", choices=("auto", *distributed.PLANS),
+                   help="auto (default): replicated (ddp) where a GPU holds the model and a step, "
+                   "else ZeRO-3, with offload only where needed (distributed.choose_plan)")
     p.add_argument("--deepspeed", metavar="JSON", help="a DeepSpeed config file of your own (the "
-                   "seed's, say) instead of the one --stage and --offload build")
-    p.add_argument("--stage", type=int, default=3, choices=distributed.ZERO_STAGES)
-    p.add_argument("--offload", action="store_true", help="optimizer state and weights in CPU RAM")
+                   "seed's, say): its stage and offload are the plan")
+    p.add_argument("--stage", type=int, choices=distributed.ZERO_STAGES,
+                   help="force DeepSpeed ZeRO at this stage (with --offload: offloaded)")
+    p.add_argument("--offload", action="store_true", help="force ZeRO (stage 3 unless --stage) "
+                   "with optimizer state and weights in CPU RAM")
+    p.add_argument("--gpu-gib", type=float, help="plan, fit and cap each process as if its GPU had "
+                   "this much memory (a 24 GB card's plan on a larger one)")
     p.add_argument("--quant", default="bf16", choices=("bf16", "4bit"))
     p.add_argument("--preset", default="course", choices=("course", "workshop"),
                    help="workshop: registry.WORKSHOP's ~10-minute settings (real mode; smoke mode "
@@ -98,12 +109,27 @@ def run_config(args: argparse.Namespace, smoke: bool) -> registry.TrainConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-def deepspeed_plan(args: argparse.Namespace) -> tuple[dict | str, int]:
-    """(DeepSpeed config for the Trainer, its ZeRO stage): --deepspeed, accelerate's JSON, or built."""
+def forced_plan(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(plan name, DeepSpeed JSON file) the command line fixes, or (None, None) for "auto".
+
+    A DeepSpeed file (--deepspeed, or the one accelerate's YAML names) decides by its own stage
+    and offload; --stage / --offload force ZeRO; --plan names a plan. Two that disagree: refused.
+    """
     path = args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # accelerate sets it
+    wanted = []
     if path and path != "none":
-        return path, json.loads(Path(path).read_text())["zero_optimization"]["stage"]
-    return distributed.deepspeed_config(args.stage, args.offload), args.stage
+        zero = json.loads(Path(path).read_text())["zero_optimization"]
+        wanted.append(distributed.plan_name(zero["stage"], "offload_optimizer" in zero))
+    else:
+        path = None
+    if args.stage or args.offload:
+        wanted.append(distributed.plan_name(args.stage or 3, args.offload))
+    if args.plan != "auto":
+        wanted.append(args.plan)
+    if len(set(wanted)) > 1:
+        raise SystemExit(f"train_zero3: --plan, --stage/--offload and the DeepSpeed file ask for "
+                         f"different plans ({', '.join(wanted)}); give one")
+    return (wanted[0] if wanted else None), path
 
 
 def eval_settings(cfg: registry.TrainConfig, eval_steps: int | None) -> dict:
@@ -129,13 +155,16 @@ def load_splits(args: argparse.Namespace, tutorial: registry.Tutorial, tokenizer
     return train, evals
 
 
-def card_gib() -> float | None:
-    """This rank's GPU memory, total not free: every rank of a launch reads the same figure (free
-    memory differs between ranks at the moment they ask), so all pack their data alike."""
+def card_gib(cap: float | None = None) -> float | None:
+    """This rank's GPU memory (or `cap`, if smaller), total not free: every rank of a launch
+    reads the same figure (free memory differs between ranks at the moment they ask), so all
+    pack their data alike. None without CUDA."""
     import torch
 
     if not torch.cuda.is_available():
         return None
+    if cap:
+        return min(cap, card_gib())
     device = int(os.environ.get("LOCAL_RANK", "0"))
     return torch.cuda.get_device_properties(device).total_memory / memory.GIB
 
@@ -224,31 +253,38 @@ def main(argv: list[str] | None = None) -> None:
     smoke = registry.smoke_mode()
     tutorial = registry.get(args.tutorial)
     cfg = run_config(args, smoke)
-    ds_config, stage = deepspeed_plan(args)
-    distributed.check_plan(args.quant, stage)
-    if stage == 3:  # Liger's fused loss reads lm_head.weight directly, which ZeRO-3 leaves as an
-        cfg = dataclasses.replace(cfg, use_liger=False)  # empty slice (trl#3368, trl#6372)
+    force, ds_file = forced_plan(args)
+    if force:
+        distributed.check_plan(args.quant, distributed.parse_plan(force)[0])
     out = Path(args.output)
     resume = plan_resume(args, out, cfg.max_steps)
     if resume.finished:
         return
-    zero = (ds_config if isinstance(ds_config, dict) else json.loads(Path(ds_config).read_text()))["zero_optimization"]
-    budget = memory.token_budget(tutorial, cfg, args.quant, gpu_gib=card_gib(), zero_stage=stage,
-                                 num_gpus=int(os.environ.get("WORLD_SIZE", "1")),
-                                 offload="offload_optimizer" in zero)
-    cfg = budget.config
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        plan = distributed.choose_plan(tutorial, cfg, args.quant, card_gib(args.gpu_gib), world, force)
+    except ValueError as err:
+        raise SystemExit(f"train_zero3: {err}") from None
+    cfg, stage = plan.budget.config, plan.stage
+    ds_config = ds_file or plan.deepspeed()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"train_zero3: {budget}", flush=True)
+        print(f"train_zero3: {plan}", flush=True)
     # find (or build) the weights before any process group or DeepSpeed config exists: built under
     # either, the smoke model is saved by rank 0 only, or as empty slices. Download the real
     # weights before launching (the notebook does): every rank would fetch them at once.
     path = (models.check_model_dir(Path(args.model_dir)) if args.model_dir
             else models.model_path(tutorial, smoke))
-    group = distributed.setup_process_group()  # gloo without CUDA
+    group = distributed.setup_process_group(deepspeed=ds_config is not None)  # gloo without CUDA
+    if ds_config is None:  # LoRA leaves most weights without grads: nothing DDP must search for
+        group["ddp_find_unused_parameters"] = False
     # TrainingArguments before the model: with the DeepSpeed config known, from_pretrained builds
     # the model already partitioned (zero.Init), so no process holds all the weights
     targs = training.training_args(cfg, out, deepspeed=ds_config, **eval_settings(cfg, args.eval_steps),
                                    **group)
+    if targs.device.type == "cuda" and args.gpu_gib:  # .device also joins the process group
+        import torch
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_gib / card_gib()), targs.device)
+    distributed.check_shared_output(out)
     set_seed(cfg.seed)  # the Trainer seeds only later: LoRA's random A matrices must match on resume
     model, tokenizer = models.load_model(tutorial, quant=args.quant, smoke_mode=smoke, path=path)
     partitioned = all(hasattr(p, "ds_id") for p in model.parameters())  # loaded under zero.Init
@@ -269,20 +305,23 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_state()
     if trainer.is_world_process_zero():
         model.generation_config.save_pretrained(out / ADAPTER)  # the stop tokens travel along
-    used = trainer.args.hf_deepspeed_config.config  # "auto" filled in by the Trainer
-    info = {"tutorial": tutorial.key, "zero_stage": stage,
-            "offload": "offload_optimizer" in used["zero_optimization"],
+    # what DeepSpeed ran with, "auto" filled in by the Trainer (None: plain data parallelism)
+    used = trainer.args.hf_deepspeed_config.config if ds_config is not None else None
+    info = {"tutorial": tutorial.key, "plan": plan.name, "plan_reason": plan.reason,
+            "zero_stage": stage, "offload": bool(used and "offload_optimizer" in used["zero_optimization"]),
             "gradient_checkpointing": cfg.gradient_checkpointing,
             # what the Trainer restored (its step, optimizer, schedule, RNG), not what was asked
             "resumed": restored.found["global_step"] > 0, "restored": restored.found,
-            "batch_tokens": cfg.batch_tokens, "budget": budget.reason,
+            "batch_tokens": cfg.batch_tokens, "budget": plan.budget.reason,
             "loaded_partitioned": partitioned,
             "rope_buffers_put_back_to_fp32": trainer.rope_fix.fixed,  # training.fp32_rope
             "train_examples": len(train_ds), "eval_examples": len(eval_ds),
             "best_checkpoint": trainer.state.best_model_checkpoint,
-            # what DeepSpeed ran with, and the global batch it derived (micro x accumulation x ranks)
             "deepspeed": used,
-            "train_batch_size": trainer.model_wrapped.train_batch_size(),
+            # the global batch in micro-batches: micro x accumulation x ranks (DeepSpeed derives its own)
+            "train_batch_size": (trainer.model_wrapped.train_batch_size() if used else
+                                 targs.per_device_train_batch_size * cfg.gradient_accumulation_steps
+                                 * targs.world_size),
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "model_dir": str(path)}
     write_run_files(trainer, out, recorder, clock, eval_ds[0], info)

@@ -109,6 +109,20 @@ def best_fit(lengths: list[int], budget: int) -> list[list[int]]:
     return bins
 
 
+def split_evenly(groups: list[list[int]], parts: int) -> list[list[int]]:
+    """Split the micro-batches holding the most examples in two until their count is a multiple
+    of `parts` (the processes of a launch). Otherwise the distributed sampler evens the ranks
+    out by training some micro-batches twice an epoch. One-example micro-batches stay whole."""
+    groups = [list(g) for g in groups]
+    while len(groups) % parts:
+        big = max(range(len(groups)), key=lambda j: len(groups[j]))
+        if len(groups[big]) < 2:
+            break
+        whole = groups.pop(big)
+        groups += [whole[::2], whole[1::2]]  # alternate members: halves of similar length
+    return groups
+
+
 @dataclasses.dataclass
 class PackReport:
     """What packing made of a dataset: how many micro-batches, how full they are."""
@@ -118,6 +132,7 @@ class PackReport:
     tokens: int
     budget: int
     over_budget: int  # examples longer than the budget, each alone in its micro-batch
+    repeated: int = 0  # micro-batches the sampler repeats so that each process gets as many
 
     def __str__(self) -> str:
         fill = self.tokens / max(1, self.micro_batches * self.budget)
@@ -125,15 +140,18 @@ class PackReport:
                 f"{self.budget:,} tokens ({fill:.0%} full on average)")
         if self.over_budget:
             line += f"; {self.over_budget} example(s) longer than the budget, each alone"
+        if self.repeated:
+            line += f"; {self.repeated} micro-batch(es) trained twice an epoch to even out the processes"
         return line
 
 
-def pack_dataset(ds, budget: int):
+def pack_dataset(ds, budget: int, parts: int = 1):
     """Group a tokenized dataset into micro-batches of `budget` tokens; returns (dataset, report).
 
     Each row of the result is one micro-batch: lists of the members' `input_ids` and `labels`.
     The Trainer then takes one row a device a step (its sampler shuffles the rows each epoch),
-    so every example is seen exactly once an epoch.
+    so every example is seen exactly once an epoch; with `parts` processes the rows come in a
+    multiple of `parts` (`split_evenly`), so no process repeats another's.
     """
     import datasets
     import pyarrow.compute as pc
@@ -141,7 +159,7 @@ def pack_dataset(ds, budget: int):
     lengths: list[int] = []
     for batch in ds.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=10_000):
         lengths += pc.list_value_length(batch["input_ids"]).to_pylist()
-    groups = best_fit(lengths, budget)
+    groups = split_evenly(best_fit(lengths, budget), parts)
 
     def gather(rows: dict) -> dict:
         members = [ds[group] for group in rows["members"]]
@@ -150,7 +168,7 @@ def pack_dataset(ds, budget: int):
     packed = datasets.Dataset.from_dict({"members": groups}).map(
         gather, batched=True, batch_size=64, remove_columns=["members"], desc="packing")
     report = PackReport(len(lengths), len(groups), sum(lengths), budget,
-                        sum(n > budget for n in lengths))
+                        sum(n > budget for n in lengths), -len(groups) % parts)
     return packed, report
 
 
@@ -530,21 +548,22 @@ def make_trainer(model, tokenizer, train_ds, cfg: TrainConfig, output_dir: str |
     import torch
 
     pack_report = None
+    args = args or training_args(cfg, output_dir, **overrides)
     if cfg.packing:
         if cfg.batch_tokens is None:
             raise ValueError("cfg.batch_tokens is None: fit it to this GPU first, "
                              "cfg = memory.token_budget(T, cfg, quant).config, or set it by hand")
         if not _packed(train_ds):
-            train_ds, pack_report = pack_dataset(train_ds, cfg.batch_tokens)
+            train_ds, pack_report = pack_dataset(train_ds, cfg.batch_tokens, args.world_size)
         if eval_ds is not None and not _packed(eval_ds):
-            eval_ds, _ = pack_dataset(eval_ds, cfg.batch_tokens)
+            eval_ds, _ = pack_dataset(eval_ds, cfg.batch_tokens, args.world_size)
     curve, rope, fast = LossCurve(), Fp32Rope(), FastLora()
     if cfg.packing and torch.cuda.is_available():
         use_varlen_attention(model)
     if liger_on(cfg):
         liger_loss_for_glm(model)
     trainer = CourseTrainer(
-        model=model, args=args or training_args(cfg, output_dir, **overrides), train_dataset=train_ds,
+        model=model, args=args, train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator(tokenizer, cfg.packing),
         processing_class=tokenizer, callbacks=[curve, rope, fast, *(callbacks or [])],
         compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,

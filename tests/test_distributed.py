@@ -10,6 +10,7 @@ logits, a merge that answers the same. Resuming with offload needs two more laun
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -118,8 +119,11 @@ def test_script_refuses_4bit_with_zero3() -> None:
         train_zero3.main(["--output", "unused", "--quant", "4bit", "--stage", "3"])
 
 
-def test_no_device_map_under_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On GPUs load_model pins the model to one device, except under a launcher (DeepSpeed places it)."""
+@pytest.mark.parametrize("zero3", [True, False])
+def test_device_map_is_this_ranks_gpu_except_under_zero3(monkeypatch: pytest.MonkeyPatch, zero3: bool) -> None:
+    """On GPUs load_model puts the model on this process's GPU (LOCAL_RANK), except under ZeRO-3,
+    where DeepSpeed places the slices (COURSE.md trap 9: device_map carried into DeepSpeed)."""
+    import transformers.integrations
     from transformers import AutoModelForCausalLM
 
     from selfllm_utils import models
@@ -135,10 +139,112 @@ def test_no_device_map_under_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: zero3)
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(Stop):
         models.load_model(TUTORIAL, smoke_mode=True)
-    assert "device_map" not in seen
+    assert seen.get("device_map") == (None if zero3 else {"": 1})
+
+
+# ------------------------------------------------ the plan: replicated where it fits, else ZeRO-3
+
+
+def plan(gib: float, gpus: int, **kw) -> distributed.Plan:
+    return distributed.choose_plan(TUTORIAL, TUTORIAL.config, gpu_gib=gib, num_gpus=gpus, **kw)
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+@pytest.mark.parametrize("gib", [48, 80, 139.8])
+def test_weights_are_replicated_where_a_card_holds_them(gib: float, gpus: int) -> None:
+    chosen = plan(gib, gpus)
+    assert chosen.name == "ddp" and chosen.deepspeed() is None
+    assert chosen.budget.tokens >= distributed.PLAN_MIN_TOKENS
+
+
+def test_zero3_splits_the_weights_only_where_needed_and_offloads_last() -> None:
+    assert plan(24, 4).name == "zero3"  # 4 slices of 14B fit a 24 GB card with a full step
+    assert plan(24, 2).name == "zero3-offload"  # 2 slices leave too little room: offload
+    assert plan(24, 1).name == "zero3-offload"
+    assert plan(32, 4).name == "ddp"  # the seed's 4 x 32 GB V100s: no split needed at all
+    offload = plan(24, 2)
+    zero = offload.deepspeed()["zero_optimization"]
+    assert zero["stage"] == 3 and "offload_param" in zero and "zero3: only" in offload.reason
+
+
+@pytest.mark.parametrize(("gib", "gpus"), [(24, 1), (24, 2), (24, 4), (80, 2), (139.8, 4)])
+def test_the_plans_step_is_the_token_budget_of_its_plan(gib: float, gpus: int) -> None:
+    """One reader: the plan's micro-batch is memory.token_budget's for that plan, and it fits."""
+    from selfllm_utils import memory
+
+    chosen = plan(gib, gpus)
+    run = distributed.plan_config(TUTORIAL.config, chosen.stage)
+    again = memory.token_budget(TUTORIAL, run, "bf16", gib, chosen.stage or 0, gpus, chosen.offload)
+    assert chosen.budget.config == again.config and chosen.budget.tokens == again.tokens
+    est = chosen.budget.estimate
+    assert est.total_gib - est.overhead_gib <= gib * (1 - memory.MARGIN)
+    assert chosen.budget.config.use_liger == (chosen.stage != 3)  # no Liger loss under ZeRO-3
+
+
+def test_a_plan_forced_by_hand_is_kept_or_refused_in_one_line() -> None:
+    forced = plan(139.8, 2, force="zero3")
+    assert forced.name == "zero3" and forced.reason == "set by hand"
+    assert forced.budget.config.gradient_checkpointing is True  # ZeRO-3 keeps it on
+    with pytest.raises(ValueError, match="does not fit 24.0 GiB"):
+        plan(24, 2, force="ddp")  # 14B bf16 weights alone are 26 GiB
+    with pytest.raises(ValueError, match="ZeRO-2"):
+        plan(24, 2, force="zero3", quant="4bit")
+    with pytest.raises(ValueError, match="unknown plan"):
+        plan(24, 2, force="zero4")
+
+
+def test_4bit_is_replicated_and_nothing_fitting_says_what_to_change() -> None:
+    assert plan(24, 2, quant="4bit").name == "ddp"  # ZeRO-3 cannot split packed 4-bit weights
+    with pytest.raises(ValueError, match="4bit") as small:
+        plan(4, 2, quant="4bit")
+    assert "zero3" not in str(small.value) and "notebook 01" not in str(small.value)
+    with pytest.raises(ValueError, match=r"does not fit 2 x 6.0 GiB: .*zero3-offload: only .*more GPUs"):
+        plan(6, 2)
+    cpu = plan(None, 2)
+    assert cpu.name == "ddp" and cpu.budget.tokens == registry.CPU_BATCH_TOKENS
+
+
+def test_a_budget_set_by_hand_picks_the_plan_it_fits() -> None:
+    cfg = dataclasses.replace(TUTORIAL.config, batch_tokens=2048)
+    small = distributed.choose_plan(TUTORIAL, cfg, gpu_gib=24, num_gpus=2)
+    assert small.name == "zero3" and small.budget.tokens == 2048  # fits without offload: no offload
+    big = distributed.choose_plan(TUTORIAL, dataclasses.replace(cfg, batch_tokens=8192), gpu_gib=24, num_gpus=2)
+    assert big.name == "zero3-offload" and big.budget.tokens == 8192 and big.budget.fits
+    with pytest.raises(ValueError, match=r"zero3-offload: 12,000 tokens need ~.* a lower batch_tokens"):
+        distributed.choose_plan(TUTORIAL, dataclasses.replace(cfg, batch_tokens=12_000), gpu_gib=24, num_gpus=2)
+
+
+def test_plan_names_round_trip() -> None:
+    for stage in (None, *distributed.ZERO_STAGES):
+        for offload in (False, True) if stage else (False,):
+            assert distributed.parse_plan(distributed.plan_name(stage, offload)) == (stage, offload)
+    assert set(distributed.PLANS) <= {distributed.plan_name(s, o) for s in (None, 3) for o in (False, True)}
+
+
+def test_plan_table_shows_what_choose_plan_picks() -> None:
+    table = distributed.plan_table(TUTORIAL, TUTORIAL.config, cards=(24, 139.8), gpus=(2, 4))
+    rows = table.splitlines()[2:]
+    assert len(rows) == 4
+    for row, (gib, gpus) in zip(rows, [(24, 2), (24, 4), (139.8, 2), (139.8, 4)]):
+        chosen = plan(gib, gpus)
+        assert f"| {chosen.name} | {chosen.budget.tokens:,} |" in row, row
+
+
+def test_the_command_line_forces_one_plan() -> None:
+    def forced(*argv: str):
+        return train_zero3.forced_plan(train_zero3.parse_args(["--output", "x", *argv]))
+
+    assert forced() == (None, None)  # auto: distributed.choose_plan decides
+    assert forced("--plan", "ddp") == ("ddp", None)
+    assert forced("--offload") == ("zero3-offload", None)
+    assert forced("--stage", "2") == ("zero2", None)
+    with pytest.raises(SystemExit, match="different plans"):
+        forced("--plan", "ddp", "--offload")
 
 
 def test_no_process_group_outside_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,7 +277,7 @@ def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not registry.smoke_mode():
         pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
     out = tmp_path_factory.mktemp("zero3") / "run"
-    launch(out)
+    launch(out, "--plan", "zero3")  # forced: on a CPU the course's own pick is "ddp"
     return out
 
 
@@ -188,8 +294,11 @@ def probe(zero3_run: Path) -> dict:
 def test_a_deepspeed_file_of_your_own_is_used(tmp_path: Path) -> None:
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(distributed.deepspeed_config(2)))
-    args = train_zero3.parse_args(["--output", "x", "--deepspeed", str(path), "--stage", "3"])
-    assert train_zero3.deepspeed_plan(args) == (str(path), 2)  # the file's stage, not --stage
+    args = train_zero3.parse_args(["--output", "x", "--deepspeed", str(path)])
+    assert train_zero3.forced_plan(args) == ("zero2", str(path))  # the file's stage decides
+    with pytest.raises(SystemExit, match="different plans"):  # and a --stage that disagrees is refused
+        train_zero3.forced_plan(train_zero3.parse_args(["--output", "x", "--deepspeed", str(path),
+                                                        "--stage", "3"]))
 
 
 def test_workshop_preset_reaches_the_training_script() -> None:
@@ -311,6 +420,18 @@ def test_merge_in_a_plain_process_answers_the_same(zero3_run: Path, probe: dict,
     assert a.token_ids == b.token_ids
 
 
+def resumed_like_uninterrupted(resumed: Path, straight: Path) -> None:
+    """The Trainer restored step STOP_AT (a resume that silently restarted at step 0 reads 0, 0,
+    0, False), and the steps after it logged the uninterrupted run's losses."""
+    info = json.loads((resumed / train_zero3.RUN_INFO).read_text())
+    assert info["restored"] == {"global_step": STOP_AT, "scheduler_steps": STOP_AT,
+                                "optimizer_steps": STOP_AT, "rng_restored": True}
+    after, before = training.logged(resumed), training.logged(straight)
+    assert sorted(after) == list(range(1, STEPS + 1))
+    for step in range(STOP_AT + 1, STEPS + 1):
+        assert after[step] == pytest.approx(before[step], abs=TOL), step
+
+
 def test_resume_with_offload_ends_where_the_uninterrupted_run_does(zero3_run: Path,
                                                                    tmp_path: Path) -> None:
     """Stop after step 4 (as if the job died), resume with --resume: steps 5-8 and the final
@@ -321,13 +442,7 @@ def test_resume_with_offload_ends_where_the_uninterrupted_run_does(zero3_run: Pa
     launch(out, "--offload", "--resume")
     info = json.loads((out / train_zero3.RUN_INFO).read_text())
     assert info["resumed"] and info["offload"]
-    # what the Trainer restored: a resume that silently restarted at step 0 reads 0, 0, 0, False
-    assert info["restored"] == {"global_step": STOP_AT, "scheduler_steps": STOP_AT,
-                                "optimizer_steps": STOP_AT, "rng_restored": True}
-    resumed, straight = training.logged(out), training.logged(zero3_run)
-    assert sorted(resumed) == list(range(1, STEPS + 1))
-    for step in range(STOP_AT + 1, STEPS + 1):
-        assert resumed[step] == pytest.approx(straight[step], abs=TOL), step
+    resumed_like_uninterrupted(out, zero3_run)
     last = f"checkpoint-{STEPS}"
     a, b = adapter_tensors(out / last), adapter_tensors(zero3_run / last)
     assert a.keys() == b.keys()
@@ -409,3 +524,94 @@ def test_a_strangers_pickled_checkpoint_needs_trust(zero3_run: Path, tmp_path: P
     with pytest.raises(checkpoints.CheckpointError, match="pickle"):
         checkpoints.plan(out, STEPS, say=print)
     assert checkpoints.plan(zero3_run, STEPS + 4, say=print).checkpoint == zero3_run / f"checkpoint-{STEPS}"
+
+
+# ------------------------- past one machine: 2 "machines" of 2 processes each on localhost (gloo)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_machines(outputs: tuple[Path, Path], *extra: str) -> list[subprocess.CompletedProcess]:
+    """What notebook 04 runs on two real machines, with 127.0.0.1 as machine 0's address: one
+    `torchrun --nnodes 2 --node_rank N` a machine, 2 processes each, the course's auto plan."""
+    port = free_port()
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+         "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", "selfllm_utils.train_zero3", "--tutorial", TUTORIAL.key, "--output", str(outputs[node]),
+         "--max-steps", str(STEPS), "--eval-steps", str(EVAL_STEPS), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for node in (0, 1)]
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def machines_ok(done: list[subprocess.CompletedProcess]) -> None:
+    for node, result in enumerate(done):
+        assert result.returncode == 0, f"machine {node}:\n" + result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def two_machines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An uninterrupted run, and one stopped after step STOP_AT and resumed, on 2 x 2 processes."""
+    if not registry.smoke_mode():
+        pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
+    root = tmp_path_factory.mktemp("machines")
+    straight, resumed = root / "straight", root / "resumed"
+    machines_ok(launch_machines((straight, straight)))
+    machines_ok(launch_machines((resumed, resumed), "--stop-at-step", str(STOP_AT)))
+    assert sorted(training.logged(resumed)) == list(range(1, STOP_AT + 1))
+    machines_ok(launch_machines((resumed, resumed), "--resume"))
+    return {"straight": straight, "resumed": resumed}
+
+
+def test_two_machines_are_one_run_of_four_processes(two_machines: dict[str, Path]) -> None:
+    info = json.loads((two_machines["straight"] / train_zero3.RUN_INFO).read_text())
+    ranks = info["ranks"]
+    assert info["plan"] == "ddp" and info["deepspeed"] is None  # the course's pick on CPUs
+    assert [r["process_index"] for r in ranks] == [0, 1, 2, 3]
+    assert all(r["world_size"] == 4 for r in ranks)
+    assert [r["should_save"] for r in ranks] == [True, False, False, False]  # one writer, not one a machine
+    first = [set(r["batches"][0]) for r in ranks]
+    assert all(first) and sum(map(len, first)) == len(set().union(*first))  # four disjoint micro-batches
+    assert info["train_batch_size"] == 4 * info["gradient_accumulation_steps"]
+
+
+def test_two_machines_save_one_complete_adapter(two_machines: dict[str, Path]) -> None:
+    out = two_machines["straight"]
+    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert checkpoints == [f"checkpoint-{EVAL_STEPS}", f"checkpoint-{STEPS}"]
+    assert len(list(out.glob("**/adapter_model.safetensors"))) == 1 + len(checkpoints)
+    saved, fresh = adapter_tensors(out / train_zero3.ADAPTER), adapter_tensors(out / checkpoints[-1])
+    assert saved.keys() == fresh.keys() and saved
+    assert all(t.numel() > 0 and t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
+    # each process's random state travels in the checkpoint: resuming needs all four
+    assert sorted(p.name for p in (out / checkpoints[-1]).glob("rng_state_*.pth")) == [
+        f"rng_state_{r}.pth" for r in range(4)]
+
+
+def test_two_machines_resume_where_they_stopped(two_machines: dict[str, Path]) -> None:
+    resumed, straight = two_machines["resumed"], two_machines["straight"]
+    resumed_like_uninterrupted(resumed, straight)
+    a = adapter_tensors(resumed / train_zero3.ADAPTER)
+    b = adapter_tensors(straight / train_zero3.ADAPTER)
+    assert all(torch.allclose(a[k], b[k], atol=TOL) for k in a)
+
+
+def test_machines_without_a_shared_output_folder_are_refused(tmp_path: Path) -> None:
+    if not registry.smoke_mode():
+        pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
+    done = launch_machines((tmp_path / "machine0", tmp_path / "machine1"))
+    assert all(result.returncode != 0 for result in done)
+    said = done[1].stderr + done[1].stdout
+    assert "ranks [2, 3] do not see what rank 0 writes there" in said and "NFS" in said
+    assert not list(tmp_path.glob("*/checkpoint-*"))  # refused before any training

@@ -321,6 +321,32 @@ def test_best_fit_respects_the_budget_and_keeps_every_example_once(budget: int) 
     assert len(totals) < 2 or totals[0] + totals[1] > budget
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 8])
+def test_micro_batches_come_in_a_multiple_of_the_processes(parts: int) -> None:
+    """Else the distributed sampler repeats some micro-batches to even out the ranks."""
+    import random
+
+    rng = random.Random(parts)
+    lengths = [rng.randint(5, 400) for _ in range(37)]
+    groups = training.split_evenly(training.best_fit(lengths, 2048), parts)
+    assert len(groups) % parts == 0
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each exactly once
+    assert all(g and sum(lengths[i] for i in g) <= 2048 for g in groups)
+    alone = training.split_evenly([[0], [1], [2]], 2)  # one-example micro-batches cannot split
+    assert alone == [[0], [1], [2]]
+
+
+def test_pack_report_counts_what_the_sampler_repeats() -> None:
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[1] * 300] * 3, "labels": [[1] * 300] * 3})
+    packed, report = training.pack_dataset(ds, 512, parts=2)  # 3 lone examples on 2 processes
+    assert len(packed) == report.micro_batches == 3 and report.repeated == 1
+    assert "1 micro-batch(es) trained twice" in str(report)
+    packed, report = training.pack_dataset(ds, 1024, parts=2)  # [300+300+300]: split in two
+    assert len(packed) == 2 and report.repeated == 0
+
+
 def _mixed_examples(vocab: int) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     out = []
