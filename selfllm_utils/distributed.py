@@ -216,10 +216,16 @@ class Plan:
         return f"plan: {self.name} ({self.reason}); {self.budget}"
 
 
-def plan_config(cfg: TrainConfig, stage: int | None) -> TrainConfig:
-    """`cfg` as this plan can run it: no Liger loss under ZeRO-3, which reads lm_head.weight
-    directly, an empty slice there (trl#3368, trl#6372)."""
-    return dataclasses.replace(cfg, use_liger=False) if stage == 3 else cfg
+def plan_config(cfg: TrainConfig, stage: int | None, num_gpus: int = 1) -> TrainConfig:
+    """`cfg` as this plan can run it. No Liger loss under ZeRO-3: it reads lm_head.weight
+    directly, an empty slice there (trl#3368, trl#6372). Embeddings stay on the GPU under ZeRO
+    or with several processes: DeepSpeed partitions every weight it is given, and DDP refuses a
+    model spread over a CPU and a GPU."""
+    if stage == 3:
+        cfg = dataclasses.replace(cfg, use_liger=False)
+    if stage is not None or num_gpus > 1:
+        cfg = dataclasses.replace(cfg, embeddings_on_cpu=False)
+    return cfg
 
 
 def choose_plan(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16",
@@ -240,18 +246,18 @@ def choose_plan(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16",
     if force:
         stage, offload = parse_plan(force)
         check_plan(quant, stage)
-        run = plan_config(cfg, stage)
+        run = plan_config(cfg, stage, num_gpus)
         return Plan(stage, offload, memory.token_budget(t, run, quant, gpu_gib, stage or 0, num_gpus,
                                                         offload), "set by hand")
     if gpu_gib is None:
-        return Plan(None, False, memory.token_budget(t, cfg, quant, None),
+        return Plan(None, False, memory.token_budget(t, plan_config(cfg, None, num_gpus), quant, None),
                     "no GPU: nothing to split, every process holds the model")
     need = cfg.batch_tokens or max(PLAN_MIN_TOKENS, cfg.max_length)  # a budget set by hand is kept
     tried: list[str] = []
     for name in PLANS if quant == "bf16" else ("ddp",):
         stage, offload = parse_plan(name)
         try:
-            budget = memory.token_budget(t, plan_config(cfg, stage), quant, gpu_gib, stage or 0,
+            budget = memory.token_budget(t, plan_config(cfg, stage, num_gpus), quant, gpu_gib, stage or 0,
                                          num_gpus, offload)
         except ValueError:
             budget = None

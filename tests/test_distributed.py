@@ -178,7 +178,7 @@ def test_the_plans_step_is_the_token_budget_of_its_plan(gib: float, gpus: int) -
     from selfllm_utils import memory
 
     chosen = plan(gib, gpus)
-    run = distributed.plan_config(TUTORIAL.config, chosen.stage)
+    run = distributed.plan_config(TUTORIAL.config, chosen.stage, gpus)
     again = memory.token_budget(TUTORIAL, run, "bf16", gib, chosen.stage or 0, gpus, chosen.offload)
     assert chosen.budget.config == again.config and chosen.budget.tokens == again.tokens
     est = chosen.budget.estimate
@@ -217,6 +217,18 @@ def test_a_budget_set_by_hand_picks_the_plan_it_fits() -> None:
     assert big.name == "zero3-offload" and big.budget.tokens == 8192 and big.budget.fits
     with pytest.raises(ValueError, match=r"zero3-offload: 12,000 tokens need ~.* a lower batch_tokens"):
         distributed.choose_plan(TUTORIAL, dataclasses.replace(cfg, batch_tokens=12_000), gpu_gib=24, num_gpus=2)
+
+
+def test_embeddings_leave_the_gpu_only_for_one_plain_process() -> None:
+    """GLM-4's course config looks its embeddings up on the CPU (one GPU); DDP across GPUs and
+    DeepSpeed both need every weight where the engine puts it."""
+    glm4 = registry.get("glm4")
+    assert glm4.config.embeddings_on_cpu
+    one = distributed.choose_plan(glm4, glm4.config, gpu_gib=24, num_gpus=1)
+    assert one.name == "ddp" and one.budget.config.embeddings_on_cpu
+    for gpus, force in [(2, None), (1, "zero3"), (2, "zero2")]:
+        chosen = distributed.choose_plan(glm4, glm4.config, gpu_gib=80, num_gpus=gpus, force=force)
+        assert not chosen.budget.config.embeddings_on_cpu, (gpus, force)
 
 
 def test_plan_names_round_trip() -> None:
