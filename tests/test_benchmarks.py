@@ -71,3 +71,28 @@ def test_padded_packs_pad_the_course_packs(bench, smoke_models) -> None:
     batch = collate([packed[0]])
     assert batch["input_ids"].shape[0] == len(packed[0]["input_ids"]) > 1
     assert counts == [sum(len(ids) for ids in packed[0]["input_ids"])]  # real tokens, not pads
+
+
+@pytest.fixture(scope="module")
+def zero3_bench():
+    path = registry.repo_root() / "benchmarks" / "zero3_gpu.py"
+    sys.path.insert(0, str(path.parent))  # it imports train_speed for the random model
+    spec = importlib.util.spec_from_file_location("zero3_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_multi_gpu_runs_are_the_plans_the_readme_names(zero3_bench) -> None:
+    """1/2/4 GPUs for each plan family; each run's options parse and force what its name says."""
+    from selfllm_utils import distributed, train_zero3
+
+    t = registry.get("qwen1.5")
+    for suffix, forced in (("", None), ("-zero3", "zero3"), ("-24g", None)):
+        for n in (1, 2, 4):
+            gpus, extra = zero3_bench.RUNS[f"{n}gpu{suffix}"]
+            args = train_zero3.parse_args(["--output", "x", *extra])
+            assert gpus == n and train_zero3.forced_plan(args)[0] == forced
+            if suffix == "-24g":  # planned for 24 GiB cards: offload on one or two, as its docstring says
+                plan = distributed.choose_plan(t, t.config, gpu_gib=args.gpu_gib, num_gpus=n)
+                assert (plan.name == "zero3-offload") == (n < 4)
