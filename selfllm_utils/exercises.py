@@ -193,6 +193,27 @@ def check_zero3_save_key(key: Any) -> bool:
                           "writes it; without it the adapter holds size-0 tensors")
 
 
+def check_plan_for_cards(tutorial: Tutorial, plan: Any, gib: float = 16, gpus: int = 8) -> bool:
+    """Notebook 04, exercise 3: the plan the course picks for `gpus` cards of `gib` GiB.
+
+    The lesson: replicate where a card holds the bf16 model and a step, split the weights
+    (ZeRO-3) only where it does not, offload only where even the slices leave too little room.
+    """
+    truth = distributed.choose_plan(tutorial, tutorial.config, gpu_gib=gib, num_gpus=gpus)
+    if plan not in distributed.PLANS:
+        return _verdict(False, f"set MY_PLAN to one of {', '.join(distributed.PLANS)} "
+                               "(the .name of what distributed.choose_plan returns)")
+    if plan != truth.name:
+        weights = memory.estimate_memory(tutorial, batch_tokens=memory.BUDGET_STEP).weights_gib
+        hint = (f"the bf16 weights alone are {weights:.0f} GiB: can one {gib:g} GiB card hold them?"
+                if plan == "ddp" else
+                f"with {gpus} slices each card keeps 1/{gpus} of the weights: is offload still needed?"
+                if plan == "zero3-offload" else
+                "print distributed.choose_plan(T, T.config, gpu_gib=..., num_gpus=...) and read why")
+        return _verdict(False, hint)
+    return _verdict(True, f"{truth.name}: {truth.budget.tokens:,} tokens a GPU ({truth.reason})")
+
+
 def check_new_persona(tokenizer, tutorial: Tutorial, record: Any, old_name: str, new_name: Any) -> bool:
     """Notebook 03, exercise 1: one edited identity record that would teach a new name.
 

@@ -90,6 +90,7 @@ def test_checkers_never_raise_on_odd_answers(value, capsys: pytest.CaptureFixtur
     assert exercises.check_glm4_targets(glm["tokenizer"], glm["T"], value) is False
     assert exercises.check_zero3_row(qwen, value, value) is False
     assert exercises.check_zero3_save_key(value) is False
+    assert exercises.check_plan_for_cards(qwen, value) is False
 
 
 def _lora_truth(rank: int) -> int:
@@ -128,6 +129,9 @@ WRONG_ANSWERS = {
     "zero3-two-gpus": lambda c: exercises.check_zero3_row(
         c["T"], memory.estimate_memory(c["T"], zero_stage=3, num_gpus=2), True),
     "zero3-other-key": lambda c: exercises.check_zero3_save_key("stage3_prefetch_bucket_size"),
+    "zero3-plan-replicated": lambda c: exercises.check_plan_for_cards(c["T"], "ddp"),
+    "zero3-plan-offload": lambda c: exercises.check_plan_for_cards(c["T"], "zero3-offload"),
+    "zero3-plan-on-big-cards": lambda c: exercises.check_plan_for_cards(c["T"], "zero3", gib=141, gpus=2),
 }
 WRONG_CONTEXT = {"qwen2": "03", "glm4": "02", "lora": "01", "record": "01", "persona": "03",
                  "zero3": "04"}
