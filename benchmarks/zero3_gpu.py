@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -115,10 +116,32 @@ def adapter_check(out: Path, model_dir: Path) -> dict:
         model.base_model.model.set_attn_implementation("sdpa")
         # DeepSpeed's bf16 engine casts buffers too: RoPE's inv_freq rounded to bf16?
         rotary = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+        kept = [m.inv_freq for m in rotary]
         for m in rotary:
             m.inv_freq = m.inv_freq.to(torch.bfloat16).float()
         bf16_rope = model(input_ids=ids).logits.float().cpu()
-    return {"bf16_rope_reload_vs_trained_mean_diff": (bf16_rope - probe["logits"]).abs().mean().item(),
+        for m, freq in zip(rotary, kept):
+            m.inv_freq = freq
+        # the training process's forward: under bf16 autocast (accelerate wraps the model's forward
+        # with it for a bf16 Trainer, the fp32 LoRA matrices included), then also with its kernels
+        # (training.use_varlen_attention; Liger's RMSNorm/SwiGLU/RoPE where the run used Liger)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            autocast = model(input_ids=ids).logits.float().cpu()
+        info = json.loads((out / train_zero3.RUN_INFO).read_text())
+        training.use_varlen_attention(model)
+        if info.get("liger"):
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+            _apply_liger_kernel_to_instance(model=model.get_base_model())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            course = model(input_ids=ids).logits.float().cpu()
+    return {"autocast_reload_vs_trained_max_diff": (autocast - probe["logits"]).abs().max().item(),
+            "autocast_reload_vs_trained_mean_diff": (autocast - probe["logits"]).abs().mean().item(),
+            "course_path_reload_vs_trained_max_diff": (course - probe["logits"]).abs().max().item(),
+            "course_path_reload_vs_trained_mean_diff": (course - probe["logits"]).abs().mean().item(),
+            "course_path_top1_agree": (course.argmax(-1) == probe["logits"].argmax(-1)).float().mean().item(),
+            "course_kernels_liger": bool(info.get("liger")),
+            "bf16_rope_reload_vs_trained_mean_diff": (bf16_rope - probe["logits"]).abs().mean().item(),
             "bf16_rope_reload_vs_trained_max_diff": (bf16_rope - probe["logits"]).abs().max().item(),
             "rotary_modules": len(rotary),
             "sdpa_vs_eager_mean_diff": (eager - logits).abs().mean().item(),
@@ -172,6 +195,8 @@ def main() -> None:
         gpus, extra = RUNS[name]
         gpus = gpus or resume_gpus
         out = work / name
+        shutil.rmtree(out, ignore_errors=True)  # a warm machine keeps the last call's folders:
+        Path(f"{out}.log").unlink(missing_ok=True)  # --resume would find that run finished
         if name == "seed-json":  # the smoke model: the bug is in the offload code path, not the size
             path = work / "seed_ds.json"
             path.write_text(json.dumps(SEED_DS, indent=1))

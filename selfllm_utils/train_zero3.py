@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     used = trainer.args.hf_deepspeed_config.config if ds_config is not None else None
     info = {"tutorial": tutorial.key, "plan": plan.name, "plan_reason": plan.reason,
             "zero_stage": stage, "offload": bool(used and "offload_optimizer" in used["zero_optimization"]),
-            "gradient_checkpointing": cfg.gradient_checkpointing,
+            "gradient_checkpointing": cfg.gradient_checkpointing, "liger": training.liger_on(cfg),
             # what the Trainer restored (its step, optimizer, schedule, RNG), not what was asked
             "resumed": restored.found["global_step"] > 0, "restored": restored.found,
             "batch_tokens": cfg.batch_tokens, "budget": plan.budget.reason,
