@@ -60,10 +60,12 @@ def cached_models() -> list[str]:
     return found
 
 
-def fit_report(memory_gib: float | None) -> dict[str, str]:
+def fit_report(memory_gib: float | None, gpus: int = 1) -> dict[str, str]:
     """For each tutorial: the token budget its course recipe gets on this GPU, and why
-    (`memory.token_budget`, the same call the notebooks make), or why it does not fit."""
-    from . import memory
+    (`memory.token_budget`, the same call the notebooks make), or why it does not fit.
+    Notebook 04's script spreads over this machine's `gpus` and picks its plan first
+    (`distributed.choose_plan`: on one 24 GB card, ZeRO-3 with offload)."""
+    from . import distributed, memory
 
     report = {}
     for t in registry.TUTORIALS.values():
@@ -75,11 +77,13 @@ def fit_report(memory_gib: float | None) -> dict[str, str]:
                              f"~{least.total_gib:.0f} GiB, {quant})")
             continue
         try:
-            budget = memory.token_budget(t, t.config, quant, gpu_gib=memory_gib)
+            if t.key == "qwen1.5":  # notebook 04 launches train_zero3, which chooses a plan
+                plan = distributed.choose_plan(t, t.config, quant, memory_gib, gpus)
+                report[t.key] = f"fits ({quant}, {plan.name} on {gpus} GPU(s)): {plan}"
+            else:
+                report[t.key] = f"fits ({quant}): {memory.token_budget(t, t.config, quant, gpu_gib=memory_gib)}"
         except ValueError as err:
             report[t.key] = f"does not fit: {err}"
-        else:
-            report[t.key] = f"fits ({quant}): {budget}"
     return report
 
 
@@ -90,7 +94,7 @@ def doctor(as_json: bool = False) -> dict:
         "host": platform.node(), "python": sys.version.split()[0], "versions": versions(), "gpu": device,
         "smoke_mode": registry.smoke_mode(), "home": str(registry.home()),
         "cached_models": cached_models(),
-        "tutorials": fit_report(device["memory_gib"] if device else None),
+        "tutorials": fit_report(device["memory_gib"] if device else None, device["count"] if device else 1),
     }
     if as_json:
         print(json.dumps(info, ensure_ascii=False))
