@@ -6,18 +6,24 @@ optimizer when `optimizer.pt` is missing. `plan` looks first: a partial folder (
 `trainer_state.json`, which the Trainer writes last, or a truncated file) is named and skipped;
 missing optimizer or scheduler state is an error unless the learner asks to start them fresh; a
 run that already reached its last step resumes to nothing. DeepSpeed reads its `global_step*/`
-files with `torch.load(weights_only=False)`, that is with pickle, which can run any code: such a
-checkpoint is loaded from outside the run's own output folder only when the learner says they
-trust it. `Restored` records what the Trainer really restored, so a test can tell a resume from
-a restart.
+files with `torch.load(weights_only=False)`, that is with pickle, which can run any code, and a
+run folder copied from someone else carries such files inside `--output`. `loading_without_code`
+makes DeepSpeed load them with `weights_only=True` instead, allowing only the few DeepSpeed
+classes its checkpoints hold (`DEEPSPEED_GLOBALS`); a file needing anything else is refused in
+one line. A checkpoint from outside the run's own output folder is also refused unless the
+learner says they trust it. `Restored` records what the Trainer really restored, so a test can
+tell a resume from a restart.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +31,19 @@ from transformers import TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from transformers.utils.peft_utils import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
+from transformers.utils.peft_utils import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 
 WEIGHT_NAMES = (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME,
                 SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
 DEEPSPEED_LATEST = "latest"  # DeepSpeed's file naming the tag folder (global_stepN) it saved
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save writes zip archives
+# The classes DeepSpeed 0.19 pickles into its checkpoint files besides tensors and Python
+# containers, all plain data (optim_states.pt: the loss scaler, fp16's dynamic one, the ZeRO
+# stage; at stages 1-2 and under bf16 also where each weight's slice sits, fragment_address).
+DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                     "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address")
 
 
 class CheckpointError(RuntimeError):
@@ -53,8 +66,6 @@ def problem(checkpoint: str | Path) -> str | None:
     weights exist, every safetensors file is covered by its header, every torch file is a whole
     zip archive (its directory sits at the end, so a truncated file has none).
     """
-    from safetensors import safe_open
-
     folder = Path(checkpoint)
     try:
         _state(folder)["global_step"]
@@ -65,6 +76,15 @@ def problem(checkpoint: str | Path) -> str | None:
     tag = _deepspeed_tag(folder)
     if tag is not None and not any(tag.glob("*model_states.pt")):
         return f"{DEEPSPEED_LATEST} names {tag.name}/, which holds no model states"
+    return damaged(folder)
+
+
+def damaged(folder: Path) -> str | None:
+    """The first file in `folder` (and below) that is cut off, or None: a safetensors file its
+    header does not cover, a torch file that is no whole zip archive, a JSON file that does not
+    parse. Nothing is unpickled."""
+    from safetensors import safe_open
+
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
@@ -102,12 +122,67 @@ def missing_state(checkpoint: str | Path, world_size: int | None = None) -> list
 
 
 def pickled_files(checkpoint: str | Path) -> list[Path]:
-    """Files a resume unpickles (DeepSpeed's `torch.load(weights_only=False)`): they can run code.
+    """Files DeepSpeed unpickles on a resume (`torch.load(weights_only=False)`, unless inside
+    `loading_without_code`): they can run code.
 
     The Trainer itself loads optimizer, scheduler and RNG files with `weights_only=True`.
     """
     tag = _deepspeed_tag(Path(checkpoint))
     return sorted(p for p in tag.glob("*.pt")) if tag is not None and tag.is_dir() else []
+
+
+def _deepspeed_classes() -> list[type]:
+    import importlib
+
+    return [getattr(importlib.import_module(module), name)
+            for module, _, name in (g.rpartition(".") for g in DEEPSPEED_GLOBALS)]
+
+
+def load_without_code(path: str | Path, map_location=None):
+    """`torch.load` of a DeepSpeed checkpoint file that runs no pickled code (weights_only=True,
+    with `DEEPSPEED_GLOBALS` allowed); anything else in the file is refused in one line.
+
+    Raises:
+        CheckpointError: the file asks for another class or function (say `os.system`).
+    """
+    import torch
+
+    with torch.serialization.safe_globals(_deepspeed_classes()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            wanted = re.search(r"GLOBAL (\S+)", str(err))
+            raise CheckpointError(
+                f"{path} asks to run {wanted.group(1) if wanted else 'pickled code'} when loaded, "
+                "not only to hold tensors and DeepSpeed's state: not loaded. Resume from a "
+                "checkpoint you wrote, or pass --trust-checkpoint if you know who wrote it"
+            ) from None
+
+
+@contextmanager
+def loading_without_code(allow_pickle: bool = False) -> Iterator[list[str]]:
+    """While inside, DeepSpeed reads checkpoint files through `load_without_code` (its torch
+    engine's `load`, which every resume and the best-checkpoint reload at the end go through);
+    yields the list of the files it so loaded. `allow_pickle`: the learner trusts the files, and
+    DeepSpeed's own loading stays."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    loaded: list[str] = []
+    if allow_pickle:
+        yield loaded
+        return
+    original = TorchCheckpointEngine.load
+
+    def load(engine, path, map_location=None):
+        state = load_without_code(path, map_location)
+        loaded.append(str(path))
+        return state
+
+    TorchCheckpointEngine.load = load
+    try:
+        yield loaded
+    finally:
+        TorchCheckpointEngine.load = original
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -135,6 +210,68 @@ def newest_complete(output_dir: str | Path, say: Callable[[str], None] = print) 
             return path
         say(f"skipping {path.name}: {why}: a save that was cut off")
     return None
+
+
+@contextmanager
+def writing(folder: str | Path, writer: bool = True) -> Iterator[Path]:
+    """A folder that appears whole or not at all: write into the path this yields, and on
+    leaving without an error it replaces `folder` (two renames). A crash mid-save leaves the
+    old folder, or none, never a half-written one that loads as if complete; the next save
+    clears what the crash left. Under a launcher every rank enters, only `writer` moves files.
+    """
+    folder = Path(folder)
+    partial, old = (folder.with_name(f"{folder.name}{suffix}") for suffix in (".partial", ".old"))
+    if writer:
+        for leftover in (partial, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+    yield partial
+    if writer:
+        if folder.exists():
+            folder.rename(old)
+        partial.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def adapter_problem(folder: str | Path) -> str | None:
+    """Why `folder` is no loadable adapter (missing, a file missing or cut off), or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "missing"
+    for name in (ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            return f"has no {name}"
+    return damaged(folder)
+
+
+TRAINING_ONLY = ("global_step*", DEEPSPEED_LATEST, "rng_state*.pth", OPTIMIZER_NAME, SCHEDULER_NAME,
+                 TRAINER_STATE_NAME, "zero_to_*.py")  # what a checkpoint holds besides the adapter
+
+
+def finish_adapter(output_dir: str | Path, last: Path, adapter: str,
+                   say: Callable[[str], None] = print) -> Path | None:
+    """Give a finished run the adapter a crash kept it from saving; returns the checkpoint used.
+
+    The run ended with the best checkpoint's weights (load_best_model_at_end), so its adapter
+    files are copied (the last checkpoint's where the best one is gone), and the last
+    checkpoint's trainer_state.json where the run's own is missing. None: the adapter is whole.
+    """
+    output_dir = Path(output_dir)
+    why = adapter_problem(output_dir / adapter)
+    if why is None:
+        return None
+    best = _state(last).get("best_model_checkpoint")
+    source = output_dir / Path(best).name if best else last  # by name: the run may have moved
+    if not source.is_dir() or problem(source):
+        source = last
+    with writing(output_dir / adapter) as partial:
+        shutil.copytree(source, partial, ignore=shutil.ignore_patterns(*TRAINING_ONLY))
+    try:
+        _state(output_dir)
+    except (OSError, ValueError):  # the run's own trainer_state.json comes after the adapter
+        shutil.copy2(last / TRAINER_STATE_NAME, output_dir / TRAINER_STATE_NAME)
+    kind = "the best checkpoint" if best and source.name == Path(best).name else "the last checkpoint"
+    say(f"{adapter}/ was not saved whole ({why}): written from {source.name}, {kind}")
+    return source
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from . import memory, registry
@@ -304,7 +305,7 @@ def setup_process_group(deepspeed: bool = True) -> dict:
     reuses. Under DeepSpeed (`deepspeed=True`) DeepSpeed joins first
     (`deepspeed.init_distributed(dist_backend="gloo")`), with its shared-memory all-reduce for
     CPUs switched off: a C++ build of one to two minutes on first use, which a smoke run does
-    not need.
+    not need. Either way a process waits `registry.LAUNCH_TIMEOUT_S` for the others, not 30 min.
 
     Returns:
         Extra `TrainingArguments` keywords (empty on GPUs, or outside a launcher).
@@ -315,15 +316,29 @@ def setup_process_group(deepspeed: bool = True) -> dict:
         return {}
     from accelerate import PartialState
 
+    timeout = timedelta(seconds=registry.LAUNCH_TIMEOUT_S)  # on GPUs: TrainingArguments' ddp_timeout
+
     if deepspeed:
         import deepspeed as ds
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # DeepSpeed's own switch
-        ds.init_distributed(dist_backend="gloo")
+        ds.init_distributed(dist_backend="gloo", timeout=timeout)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo")
+    PartialState(backend="gloo", timeout=timeout)
     return {"accelerator_config": {"use_configured_state": True}}
+
+
+def group_timeout_s() -> float | None:
+    """How long this process waits for the others at an exchange (the default process group's
+    timeout), or None outside a launch: what `setup_process_group` and `ddp_timeout` set."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return None
+    device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    return dist.distributed_c10d._get_default_group()._get_backend(device).options._timeout.total_seconds()
 
 
 def check_shared_output(folder: Path) -> None:

@@ -110,11 +110,15 @@ def stream_chat(model, tokenizer, question: str | list[dict[str, str]], family: 
 
 
 def save_adapter(model, tokenizer, path: str | Path) -> Path:
-    """Save the LoRA adapter with the tokenizer and the generation config (stop tokens) beside it."""
+    """Save the LoRA adapter with the tokenizer and the generation config (stop tokens) beside it,
+    whole or not at all (`checkpoints.writing`: an interrupted save leaves no half adapter)."""
+    from . import checkpoints  # here: importing the Trainer is slow, and a web demo never saves
+
     path = Path(path)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    model.generation_config.save_pretrained(path)
+    with checkpoints.writing(path) as partial:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        model.generation_config.save_pretrained(partial)
     return path
 
 

@@ -262,6 +262,14 @@ def get(key: str) -> Tutorial:
     return TUTORIALS[key]
 
 
+# How long each process of a multi-GPU launch waits for the others at an exchange before the
+# launch ends with an error. A frozen or lost process otherwise hangs every other one for the
+# libraries' default (30 min under DDP, 10 under DeepSpeed) with no word. The course's runs wait
+# seconds at most (saves, evaluation, a weight shard loaded by zero.Init); 5 min leaves room for
+# a slow disk and still tells a learner within a coffee break.
+LAUNCH_TIMEOUT_S = 300
+
+
 # The token budget on a CPU (smoke mode), where there is no GPU memory to fit: about 8 of
 # SmolLM2's identity chats (68 tokens each) a step, as the smoke recipe was tuned with.
 CPU_BATCH_TOKENS = 512

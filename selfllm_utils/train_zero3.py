@@ -19,9 +19,12 @@ a folder they all share (checked before training: `distributed.check_shared_outp
 Steps, as in the seed: records -> train/eval split -> chat template -> LoRA -> Trainer with
 evaluation (token accuracy) and the best checkpoint kept -> the adapter saved whole. `--resume`
 continues from the newest complete checkpoint in `--output` (`checkpoints.plan`: a partial one is
-skipped, a finished run does nothing, a stranger's pickled DeepSpeed state needs
-`--trust-checkpoint`). Merging happens afterwards, in a plain
+skipped, a finished run only writes its adapter if a crash cut that save off, DeepSpeed's files
+load without running pickled code, a stranger's checkpoint needs `--trust-checkpoint`). Merging happens afterwards, in a plain
 process (`inference.merge_and_save`): under ZeRO-3 each process holds only slices of the weights.
+
+A mistake in the options or the data, a full disk and Ctrl-C end in one line and a non-zero
+exit (`run`); a process that stops answering ends the launch after `registry.LAUNCH_TIMEOUT_S`.
 
 Besides checkpoints and `adapter/`, rank 0 writes `trainer_state.json`, `run_info.json` (what
 each rank saw: process index, who saves, fingerprints of its training batches) and `probe.pt`
@@ -31,10 +34,15 @@ each rank saw: process index, who saves, fingerprints of its training batches) a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
+import sys
 from pathlib import Path
 
 from transformers import TrainerCallback, set_seed
@@ -44,11 +52,41 @@ from . import checkpoints, data, distributed, formatting, memory, metrics, model
 ADAPTER, RUN_INFO, PROBE = "adapter", "run_info.json", "probe.pt"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a wrong option answered in one line (not the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")
+
+
+def at_least(kind: type, least: float):
+    """An argparse type: a number of `kind` no smaller than `least`, or one line saying why."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text} is below {least}")
+        return value
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a share strictly between 0 and 1."""
+    value = at_least(float, 0)(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not strictly between 0 and 1")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; sizes default to the registry's config (smoke config in smoke mode)."""
-    p = argparse.ArgumentParser(prog="python -m selfllm_utils.train_zero3", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tutorial", default="qwen1.5", help="registry key (default qwen1.5)")
+    p = OneLineParser(prog="python -m selfllm_utils.train_zero3", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    count = at_least(int, 1)
+    p.add_argument("--tutorial", default="qwen1.5", choices=tuple(registry.TUTORIALS),
+                   help="registry key (default qwen1.5)")
     p.add_argument("--output", required=True, help="checkpoints, adapter/ and run files go here")
     p.add_argument("--data", help="instruction records (.json/.jsonl); default: Chat-甄嬛 "
                    "(data.find_huanhuan), the course's 40-record sample in smoke mode")
@@ -63,28 +101,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="force DeepSpeed ZeRO at this stage (with --offload: offloaded)")
     p.add_argument("--offload", action="store_true", help="force ZeRO (stage 3 unless --stage) "
                    "with optimizer state and weights in CPU RAM")
-    p.add_argument("--gpu-gib", type=float, help="plan, fit and cap each process as if its GPU had "
+    p.add_argument("--gpu-gib", type=at_least(float, 1), help="plan, fit and cap each process as if its GPU had "
                    "this much memory (a 24 GB card's plan on a larger one)")
     p.add_argument("--quant", default="bf16", choices=("bf16", "4bit"))
     p.add_argument("--preset", default="course", choices=("course", "workshop"),
                    help="workshop: registry.WORKSHOP's ~10-minute settings (real mode; smoke mode "
                    "always uses the smoke config)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the config's)")
-    p.add_argument("--batch-tokens", type=int, help="tokens a packed micro-batch holds on each GPU "
+    p.add_argument("--max-steps", type=count, help="optimizer steps (default: the config's)")
+    p.add_argument("--batch-tokens", type=count, help="tokens a packed micro-batch holds on each GPU "
                    "(default: fitted to the GPU by memory.token_budget)")
-    p.add_argument("--eval-steps", type=int, help="evaluate and save every N steps")
-    p.add_argument("--logging-steps", type=int, help="log the loss every N steps")
-    p.add_argument("--warmup-steps", type=int, help="learning-rate warm-up steps")
-    p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument("--eval-steps", type=count, help="evaluate and save every N steps")
+    p.add_argument("--logging-steps", type=count, help="log the loss every N steps")
+    p.add_argument("--warmup-steps", type=at_least(int, 0), help="learning-rate warm-up steps")
+    p.add_argument("--eval-fraction", type=fraction, default=0.1)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue from the newest complete checkpoint in --output, or from the "
                    "checkpoint-N (or run) folder given (checkpoints.plan)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow a checkpoint from outside "
-                   "--output: DeepSpeed unpickles it, and pickle can run any code")
+                   "--output, and let DeepSpeed unpickle its files as it does by default: pickle "
+                   "can run any code (otherwise they load as tensors and DeepSpeed's own state only)")
     p.add_argument("--fresh-optimizer", action="store_true", help="resume a checkpoint that lacks "
                    "optimizer or scheduler state, starting them fresh (the losses will differ)")
-    p.add_argument("--stop-at-step", type=int, help="stop after this step, as if interrupted")
+    p.add_argument("--stop-at-step", type=count, help="stop after this step, as if interrupted")
     return p.parse_args(argv)
 
 
@@ -118,8 +157,12 @@ def forced_plan(args: argparse.Namespace) -> tuple[str | None, str | None]:
     path = args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # accelerate sets it
     wanted = []
     if path and path != "none":
-        zero = json.loads(Path(path).read_text())["zero_optimization"]
-        wanted.append(distributed.plan_name(zero["stage"], "offload_optimizer" in zero))
+        try:
+            zero = json.loads(Path(path).read_text())["zero_optimization"]
+            wanted.append(distributed.plan_name(zero["stage"], "offload_optimizer" in zero))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"train_zero3: the DeepSpeed file {path} has no readable "
+                             f"zero_optimization.stage ({type(err).__name__}: {err})") from None
     else:
         path = None
     if args.stage or args.offload:
@@ -258,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
         distributed.check_plan(args.quant, distributed.parse_plan(force)[0])
     out = Path(args.output)
     resume = plan_resume(args, out, cfg.max_steps)
-    if resume.finished:
+    if resume.finished:  # a crash may have cut off the adapter's save after the last checkpoint
+        if int(os.environ.get("RANK", "0")) == 0:
+            checkpoints.finish_adapter(out, resume.checkpoint, ADAPTER)
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -269,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     ds_config = ds_file or plan.deepspeed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"train_zero3: {plan}", flush=True)
+        if world > 1:
+            print(f"train_zero3: a process that stops answering ends the launch after "
+                  f"{registry.LAUNCH_TIMEOUT_S // 60} min (registry.LAUNCH_TIMEOUT_S)", flush=True)
     # find (or build) the weights before any process group or DeepSpeed config exists: built under
     # either, the smoke model is saved by rank 0 only, or as empty slices. Download the real
     # weights before launching (the notebook does): every rank would fetch them at once.
@@ -299,12 +347,17 @@ def main(argv: list[str] | None = None) -> None:
     restored.watch(trainer)
     recorder = RecordingCollator(trainer.data_collator, train_ds)
     trainer.data_collator = recorder
-    trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
-    # all ranks take part: ZeRO-3 gathers the slices (stage3_gather_16bit_weights_on_model_save)
-    trainer.save_model(str(out / ADAPTER))
+    # DeepSpeed unpickles its checkpoint files (a resume, the best checkpoint at the end): without code
+    with (checkpoints.loading_without_code(args.trust_checkpoint) if ds_config is not None
+          else contextlib.nullcontext([])) as loaded_safely:
+        trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
+    # all ranks take part: ZeRO-3 gathers the slices (stage3_gather_16bit_weights_on_model_save);
+    # the folder appears whole or not at all (a crash here: --resume writes it from the checkpoint)
+    with checkpoints.writing(out / ADAPTER, writer=trainer.is_world_process_zero()) as partial:
+        trainer.save_model(str(partial))
+        if trainer.is_world_process_zero():
+            model.generation_config.save_pretrained(partial)  # the stop tokens travel along
     trainer.save_state()
-    if trainer.is_world_process_zero():
-        model.generation_config.save_pretrained(out / ADAPTER)  # the stop tokens travel along
     # what DeepSpeed ran with, "auto" filled in by the Trainer (None: plain data parallelism)
     used = trainer.args.hf_deepspeed_config.config if ds_config is not None else None
     info = {"tutorial": tutorial.key, "plan": plan.name, "plan_reason": plan.reason,
@@ -323,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
                                  targs.per_device_train_batch_size * cfg.gradient_accumulation_steps
                                  * targs.world_size),
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-            "model_dir": str(path)}
+            "model_dir": str(path), "process_group_timeout_s": distributed.group_timeout_s(),
+            "loaded_without_code": [os.path.relpath(f, out) for f in loaded_safely]}
     write_run_files(trainer, out, recorder, clock, eval_ds[0], info)
 
 
@@ -340,6 +394,66 @@ def plan_resume(args: argparse.Namespace, out: Path, max_steps: int) -> checkpoi
         raise SystemExit(f"train_zero3 --resume: {err}") from None
 
 
+ANSWERED = (data.DataError, checkpoints.CheckpointError, models.ModelFolderError)  # the learner's input
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether an error (or one it arose from) is a full disk: Python's ENOSPC, torch.save's
+    "file write failed", safetensors' "StorageFull"."""
+    for _ in range(10):  # the chain of causes, never a loop
+        if err is None:
+            return False
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if re.search(r"No space left on device|file write failed|StorageFull", str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def free_gib(folder: Path) -> float:
+    """Free space on the disk holding `folder` (or its nearest existing parent), in GiB."""
+    folder = folder.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free / 2**30
+
+
+def run(argv: list[str] | None = None) -> int:
+    """`main` for a terminal; returns the exit status. A mistake in the input, a full disk, any
+    other failed file operation or Ctrl-C end in one line on stderr, never a traceback; nothing
+    trained is lost (the newest complete checkpoint stays, `--resume` continues from it). Under
+    a launcher each process says its own line (one rank's checkpoint file may be the bad one),
+    and Ctrl-C, which reaches them all, is said by rank 0.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    who = "train_zero3" + (f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+    again = "run the same command with --resume to continue from the newest complete checkpoint"
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"train_zero3: interrupted (Ctrl-C); {again}", file=sys.stderr, flush=True)
+        return 130
+    except ANSWERED as err:
+        print(f"{who}: {err}", file=sys.stderr, flush=True)
+        return 1
+    except (OSError, RuntimeError) as err:
+        if disk_full(err):
+            out = Path(parse_args(argv).output)
+            line = (f"the disk holding {out} is full ({free_gib(out):.1f} GiB free): free some space "
+                    f"or give another --output, then {again}")
+        elif isinstance(err, OSError):
+            line = f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")
+        elif isinstance(err, training.OutOfMemory):
+            line = str(err)
+        else:
+            raise  # not the learner's doing: the traceback is what a bug report needs
+        print(f"{who}: {line}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def leave_process_group() -> None:
     """Wait until every rank is done, then leave (run as a script only: it may end the process).
 
@@ -347,8 +461,6 @@ def leave_process_group() -> None:
     ("terminate called without an active exception", no Python frame left: about 1 launch in 40
     in this course's tests), which fails the launch. There the process ends at once instead.
     """
-    import sys
-
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -362,5 +474,7 @@ def leave_process_group() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    status = run()
+    if status:
+        sys.exit(status)
     leave_process_group()

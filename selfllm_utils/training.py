@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
-from .registry import TrainConfig
+from .registry import LAUNCH_TIMEOUT_S, TrainConfig
 
 LOSS_PNG = "loss.png"
 
@@ -50,6 +50,7 @@ def training_args(cfg: TrainConfig, output_dir: str | Path, **overrides):
         warmup_steps=cfg.warmup_steps, optim=cfg.optim, seed=cfg.seed, bf16=bf16,
         use_liger_kernel=liger_on(cfg),
         report_to="none", save_total_limit=2,
+        ddp_timeout=LAUNCH_TIMEOUT_S,  # a frozen process ends a launch after this, not 30 min
         # packed batches have no attention_mask column to keep; the collator builds what is needed
         remove_unused_columns=False,
     )

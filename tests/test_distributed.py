@@ -289,7 +289,8 @@ def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not registry.smoke_mode():
         pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
     out = tmp_path_factory.mktemp("zero3") / "run"
-    launch(out, "--plan", "zero3")  # forced: on a CPU the course's own pick is "ddp"
+    done = launch(out, "--plan", "zero3")  # forced: on a CPU the course's own pick is "ddp"
+    (out.parent / "stdout.txt").write_text(done.stdout)
     return out
 
 
@@ -387,6 +388,7 @@ def test_saved_adapter_is_complete(zero3_run: Path) -> None:
     from selfllm_utils import models
 
     saved = adapter_tensors(zero3_run / train_zero3.ADAPTER)
+    assert not list(zero3_run.glob("adapter.*"))  # written aside, then moved in whole
     model, _ = models.load_model(TUTORIAL, smoke_mode=True)
     cfg = registry.smoke_config(TUTORIAL)
     fresh = {k: v for k, v in get_peft_model(model, models.lora_config(TUTORIAL, cfg)).state_dict().items()
@@ -512,14 +514,63 @@ def test_missing_optimizer_state_is_refused_unless_asked(zero3_run: Path, tmp_pa
                          world_size=1)
 
 
-def test_a_finished_run_resumes_to_nothing(zero3_run: Path, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("adapter", ["whole", "missing", "cut off"])
+def test_a_finished_run_resumes_to_nothing_but_its_adapter(zero3_run: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture,
+                                                           adapter: str) -> None:
+    """A crash after the last checkpoint, before the final adapter was whole: --resume trains
+    nothing and writes the adapter the run ended with (its best checkpoint's)."""
+    import os as _os
+    import shutil
+
+    from selfllm_utils import inference
+
     out = copy_run(zero3_run, tmp_path / "done", f"checkpoint-{STOP_AT}", f"checkpoint-{STEPS}")
+    if adapter != "missing":
+        shutil.copytree(zero3_run / train_zero3.ADAPTER, out / train_zero3.ADAPTER)
+        shutil.copy2(zero3_run / "trainer_state.json", out / "trainer_state.json")
+    if adapter == "cut off":
+        weights = out / train_zero3.ADAPTER / "adapter_model.safetensors"
+        _os.truncate(weights, weights.stat().st_size // 2)
+    before = sorted(p.name for p in out.iterdir())
     train_zero3.main(["--tutorial", TUTORIAL.key, "--output", str(out), "--max-steps", str(STEPS),
                       "--resume"])
     said = capsys.readouterr().out.strip().splitlines()
-    assert said == [f"already finished: checkpoint-{STEPS} is at step {STEPS} of {STEPS}; nothing to train"]
-    assert sorted(p.name for p in out.iterdir()) == [f"checkpoint-{STOP_AT}", f"checkpoint-{STEPS}"]
+    assert said[0] == f"already finished: checkpoint-{STEPS} is at step {STEPS} of {STEPS}; nothing to train"
+    if adapter == "whole":
+        assert len(said) == 1 and sorted(p.name for p in out.iterdir()) == before
+        return
+    best = Path(json.loads((zero3_run / train_zero3.RUN_INFO).read_text())["best_checkpoint"]).name
+    why = "missing" if adapter == "missing" else "adapter_model.safetensors is truncated or damaged (SafetensorError)"
+    assert said[1:] == [f"adapter/ was not saved whole ({why}): written from {best}, the best checkpoint"]
+    assert sorted(p.name for p in out.iterdir()) == sorted({*before, "adapter", "trainer_state.json"})
+    inference.check_adapter(out / train_zero3.ADAPTER)
+    a, b = adapter_tensors(out / train_zero3.ADAPTER), adapter_tensors(zero3_run / train_zero3.ADAPTER)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # what the run ended with
+    assert training.logged(out) == training.logged(zero3_run)
+
+
+def test_deepspeeds_files_load_without_running_code(zero3_run: Path, run_info: dict) -> None:
+    """The run reloaded its best checkpoint at the end through `checkpoints.load_without_code`
+    (test_checkpoints.py: a file that would run code is refused and runs nothing), and every
+    DeepSpeed file it wrote loads that way."""
+    from selfllm_utils import checkpoints
+
+    best = Path(run_info["best_checkpoint"]).name
+    assert run_info["loaded_without_code"] and all(
+        f.startswith(f"{best}/global_step") for f in run_info["loaded_without_code"])
+    for path in sorted(zero3_run.glob("checkpoint-*/global_step*/*.pt")):
+        assert checkpoints.load_without_code(path), path
+
+
+def test_a_frozen_process_ends_the_launch_after_the_courses_timeout(zero3_run: Path, run_info: dict) -> None:
+    """Not the libraries' 30 min (DDP) or 10 min (DeepSpeed), and the launch says so once; the
+    DDP launch is checked below, the GPU path's `ddp_timeout` in test_train_zero3.py."""
+    assert run_info["process_group_timeout_s"] == registry.LAUNCH_TIMEOUT_S
+    said = (zero3_run.parent / "stdout.txt").read_text().splitlines()
+    assert [line for line in said if "stops answering" in line] == [
+        f"train_zero3: a process that stops answering ends the launch after "
+        f"{registry.LAUNCH_TIMEOUT_S // 60} min (registry.LAUNCH_TIMEOUT_S)"]
 
 
 def test_a_strangers_pickled_checkpoint_needs_trust(zero3_run: Path, tmp_path: Path) -> None:
@@ -596,6 +647,7 @@ def test_two_machines_are_one_run_of_four_processes(two_machines: dict[str, Path
     first = [set(r["batches"][0]) for r in ranks]
     assert all(first) and sum(map(len, first)) == len(set().union(*first))  # four disjoint micro-batches
     assert info["train_batch_size"] == 4 * info["gradient_accumulation_steps"]
+    assert info["process_group_timeout_s"] == registry.LAUNCH_TIMEOUT_S  # not DDP's 30 min
 
 
 def test_two_machines_save_one_complete_adapter(two_machines: dict[str, Path]) -> None:
