@@ -67,6 +67,8 @@ def test_cached_models_ignores_partial_folders(tmp_path, monkeypatch):
     (folder / "config.json").write_text('{"model_type": "qwen2"}')
     assert cli.cached_models() == []  # no weights: a cut-off download
     (folder / "model.safetensors").write_bytes(b"x")
+    assert cli.cached_models() == []  # no tokenizer: it would load nearly empty
+    (folder / "tokenizer.json").write_text("{}")
     assert cli.cached_models() == ["qwen2"]
 
 

@@ -123,3 +123,29 @@ def test_the_launch_waits_for_a_frozen_process_only_the_courses_timeout(tmp_path
     `distributed.setup_process_group` does; test_distributed.py checks a real launch)."""
     args = training.training_args(registry.smoke_config(TUTORIAL), tmp_path)
     assert args.ddp_timeout == registry.LAUNCH_TIMEOUT_S < 1800
+
+
+def test_a_crash_in_the_final_save_leaves_no_half_adapter_and_resume_writes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """One process, in this one: the disk fills up halfway through the adapter's last file."""
+    from selfllm_utils import checkpoints
+
+    save_model = training.CourseTrainer.save_model
+
+    def cut_off(self, output_dir=None, _internal_call=False):
+        save_model(self, output_dir, _internal_call)
+        if not _internal_call:  # the final save, not a checkpoint's
+            weights = Path(output_dir) / "adapter_model.safetensors"
+            os.truncate(weights, weights.stat().st_size // 2)
+            raise OSError(errno.ENOSPC, "No space left on device", str(weights))
+
+    out = tmp_path / "run"
+    argv = ["--output", str(out), "--max-steps", "2", "--eval-steps", "2"]
+    monkeypatch.setattr(training.CourseTrainer, "save_model", cut_off)
+    assert train_zero3.run(argv) == 1
+    assert "is full" in said(capsys)[-1]
+    assert checkpoints.adapter_problem(out / train_zero3.ADAPTER) == "missing"  # never half of one
+    monkeypatch.undo()
+    assert train_zero3.run([*argv, "--resume"]) == 0
+    assert checkpoints.adapter_problem(out / train_zero3.ADAPTER) is None
+    assert "adapter/ was not saved whole (missing): written from checkpoint-2" in capsys.readouterr().out

@@ -122,6 +122,7 @@ def test_doctor_json_from_the_shell_is_one_line(tmp_path: Path) -> None:
 def _model_folder(folder: Path, shards: list[str]) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (folder / "tokenizer.json").write_text("{}")
     weight_map = {f"layer.{i}.weight": name for i, name in enumerate(shards)}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return folder
