@@ -63,7 +63,8 @@ def cached_models() -> list[str]:
 def fit_report(memory_gib: float | None, gpus: int = 1) -> dict[str, str]:
     """For each tutorial: the token budget its course recipe gets on this GPU, and why
     (`memory.token_budget`, the same call the notebooks make), or why it does not fit.
-    Notebook 04's script spreads over this machine's `gpus` and picks its plan first
+    A tutorial whose notebook launches a script (`Tutorial.script`: notebook 04's train_zero3)
+    spreads over this machine's `gpus` and picks its plan first
     (`distributed.choose_plan`: on one 24 GB card, ZeRO-3 with offload)."""
     from . import distributed, memory
 
@@ -77,7 +78,7 @@ def fit_report(memory_gib: float | None, gpus: int = 1) -> dict[str, str]:
                              f"~{least.total_gib:.0f} GiB, {quant})")
             continue
         try:
-            if t.key == "qwen1.5":  # notebook 04 launches train_zero3, which chooses a plan
+            if t.script:  # its notebook launches a script (train_zero3), which chooses a plan
                 plan = distributed.choose_plan(t, t.config, quant, memory_gib, gpus)
                 report[t.key] = f"fits ({quant}, {plan.name} on {gpus} GPU(s)): {plan}"
             else:

@@ -164,6 +164,9 @@ class Tutorial:
     smoke: SmokeModel
     params_b: float  # parameters in billions, for the memory estimate
     reference_config: dict = field(default_factory=dict)  # full-size shape, for GPU runs
+    # the training script its notebook launches in processes of its own (python -m ...), which
+    # picks a distributed plan (distributed.choose_plan); None: the notebook trains in its kernel
+    script: str | None = None
 
 
 HUANHUAN_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
@@ -229,6 +232,7 @@ TUTORIALS: dict[str, Tutorial] = {
              "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
              "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
              "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+            script="selfllm_utils.train_zero3",
         ),
     ]
 }

@@ -541,18 +541,10 @@ def test_a_strangers_pickled_checkpoint_needs_trust(zero3_run: Path, tmp_path: P
 # ------------------------- past one machine: 2 "machines" of 2 processes each on localhost (gloo)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_machines(outputs: tuple[Path, Path], *extra: str, per_machine: int = 2) -> list[subprocess.CompletedProcess]:
+def launch_machines(port: int, outputs: tuple[Path, Path], *extra: str,
+                    per_machine: int = 2) -> list[subprocess.CompletedProcess]:
     """What notebook 04 runs on two real machines, with 127.0.0.1 as machine 0's address: one
     `torchrun --nnodes 2 --node_rank N` a machine, `per_machine` processes each, the auto plan."""
-    port = free_port()
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
@@ -573,16 +565,16 @@ def machines_ok(done: list[subprocess.CompletedProcess]) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_machines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def two_machines(tmp_path_factory: pytest.TempPathFactory, free_port) -> dict[str, Path]:
     """A run on 2 x 2 processes, and a copy of it cut back to its step-STOP_AT checkpoint (as if
     the machines died after that save; the stop itself is tested on one machine above), resumed."""
     if not registry.smoke_mode():
         pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
     root = tmp_path_factory.mktemp("machines")
     straight = root / "straight"
-    machines_ok(launch_machines((straight, straight)))
+    machines_ok(launch_machines(free_port(), (straight, straight)))
     resumed = copy_run(straight, root / "resumed", f"checkpoint-{STOP_AT}")
-    machines_ok(launch_machines((resumed, resumed), "--resume"))
+    machines_ok(launch_machines(free_port(), (resumed, resumed), "--resume"))
     return {"straight": straight, "resumed": resumed}
 
 
@@ -619,10 +611,10 @@ def test_two_machines_resume_where_they_stopped(two_machines: dict[str, Path]) -
     assert all(torch.allclose(a[k], b[k], atol=TOL) for k in a)
 
 
-def test_machines_without_a_shared_output_folder_are_refused(tmp_path: Path) -> None:
+def test_machines_without_a_shared_output_folder_are_refused(tmp_path: Path, free_port) -> None:
     if not registry.smoke_mode():
         pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
-    done = launch_machines((tmp_path / "machine0", tmp_path / "machine1"), per_machine=1)
+    done = launch_machines(free_port(), (tmp_path / "machine0", tmp_path / "machine1"), per_machine=1)
     assert all(result.returncode != 0 for result in done)
     said = done[1].stderr + done[1].stdout
     assert "ranks [1] do not see what rank 0 writes there" in said and "NFS" in said

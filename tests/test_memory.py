@@ -274,3 +274,18 @@ def test_the_fitted_budgets_were_measured_inside_their_caps() -> None:
     assert _budget("deepseek", 5.5, "4bit").tokens == 2560  # measured: 5.01 allocated, 5.28 reserved
     assert _budget("glm4", 24).tokens == 11136  # 22.66 allocated, 23.57 reserved
     assert _budget("qwen2", 24).tokens == 16384  # 21.13 allocated, 21.54 reserved
+
+
+@pytest.mark.parametrize("share", [0.96, 0.99, 1.0])
+def test_a_budget_inside_the_margin_kept_free_does_not_fit(share: float) -> None:
+    """A budget set by hand whose estimated peak lands in the MARGIN (5%) the course keeps free
+    is not "fitting": the allocator's fragmentation and the estimate's error live there."""
+    cfg = dataclasses.replace(registry.get("qwen2").config, batch_tokens=4096, gradient_checkpointing=True)
+    est = memory.estimate_memory("qwen2", batch_tokens=4096, gradient_checkpointing=True,
+                                 lora_r=cfg.lora_r, optimizer=cfg.optim, liger=cfg.use_liger)
+    peak = est.total_gib - est.overhead_gib
+    found = memory.token_budget("qwen2", cfg, gpu_gib=peak / share)
+    assert found.estimate.total_gib == pytest.approx(est.total_gib)
+    assert not found.fits and "may run out of memory" in found.reason
+    roomy = memory.token_budget("qwen2", cfg, gpu_gib=peak / (1 - memory.MARGIN) + 0.01)
+    assert roomy.fits and "may run out" not in roomy.reason
