@@ -308,6 +308,10 @@ def test_a_deepspeed_file_of_your_own_is_used(tmp_path: Path) -> None:
     path.write_text(json.dumps(distributed.deepspeed_config(2)))
     args = train_zero3.parse_args(["--output", "x", "--deepspeed", str(path)])
     assert train_zero3.forced_plan(args) == ("zero2", str(path))  # the file's stage decides
+    offload = tmp_path / "offload.json"
+    offload.write_text(json.dumps(distributed.deepspeed_config(3, offload=True)))
+    args = train_zero3.parse_args(["--output", "x", "--deepspeed", str(offload)])
+    assert train_zero3.forced_plan(args) == ("zero3-offload", str(offload))  # and its offload
     with pytest.raises(SystemExit, match="different plans"):  # and a --stage that disagrees is refused
         train_zero3.forced_plan(train_zero3.parse_args(["--output", "x", "--deepspeed", str(path),
                                                         "--stage", "3"]))
@@ -449,11 +453,21 @@ def test_resume_with_offload_ends_where_the_uninterrupted_run_does(zero3_run: Pa
     """Stop after step 4 (as if the job died), resume with --resume: steps 5-8 and the final
     weights equal the uninterrupted run's (LlamaFactory#1226: resume under ZeRO-3 + offload)."""
     out = tmp_path / "interrupted"
-    first = launch(out, "--offload", "--stop-at-step", str(STOP_AT))
+    # the offload plan as a DeepSpeed file of the learner's own (the seed's way), with a setting
+    # the course would not write: the run must keep the file's offload, not run as plain ZeRO-3
+    own = distributed.deepspeed_config(3, offload=True)
+    for part in ("offload_optimizer", "offload_param"):
+        own["zero_optimization"][part]["pin_memory"] = False
+    ds_file = tmp_path / "my_offload.json"
+    ds_file.write_text(json.dumps(own))
+    first = launch(out, "--deepspeed", str(ds_file), "--stop-at-step", str(STOP_AT))
     assert sorted(training.logged(out)) == list(range(1, STOP_AT + 1)), first.stderr[-3000:]
-    launch(out, "--offload", "--resume")
+    launch(out, "--deepspeed", str(ds_file), "--resume")
     info = json.loads((out / train_zero3.RUN_INFO).read_text())
-    assert info["resumed"] and info["offload"]
+    assert info["resumed"] and info["offload"] and info["plan"] == "zero3-offload"
+    used = info["deepspeed"]["zero_optimization"]
+    for part in ("offload_optimizer", "offload_param"):
+        assert used[part] == own["zero_optimization"][part], part  # the file's, as written
     resumed_like_uninterrupted(out, zero3_run)
     last = f"checkpoint-{STEPS}"
     a, b = adapter_tensors(out / last), adapter_tensors(zero3_run / last)
