@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 from dataclasses import replace
 import json
 import os
@@ -62,10 +63,9 @@ CONFIGS: dict[str, tuple] = {
                                     {"mix": mix, "trl": True, "pack_tokens": n})
            for n in ((4096, 8192) if mix != "long" else (8192, 16384))},
         f"glm4-course-24g-{mix}": ("glm4", "bf16", _course(GLM4, mix), {"mix": mix, "cap_gib": 24}),
-        # a 4,096-token example does not fit 5.5 GiB even in 4-bit (memory.token_budget refuses
-        # it in one line): a learner on a 6 GB card cuts long chats at 2,048 (end token kept)
-        f"deepseek-qlora-course-{mix}": ("deepseek", "4bit", replace(_course(DEEPSEEK, mix),
-                                         max_length=min(2048, MIXES[mix][2])), {"mix": mix, "cap_gib": 5.5}),
+        # with the checkpointed activations offloaded a 4,096-token example fits 5.5 GiB in 4-bit
+        # (without, memory.token_budget refuses it and a 6 GB card cuts long chats at 2,048)
+        f"deepseek-qlora-course-{mix}": ("deepseek", "4bit", _course(DEEPSEEK, mix), {"mix": mix, "cap_gib": 5.5}),
     }.items()},
     # neighbours of the fitted QLoRA budget under the 5.5 GiB cap, set by hand (calibration)
     **{f"deepseek-qlora-course-chat-t{n}": ("deepseek", "4bit", replace(DEEPSEEK.config, batch_tokens=n),
@@ -87,7 +87,7 @@ CONFIGS: dict[str, tuple] = {
     # the cap is set after its 4-bit load
     **{f"deepseek-unsloth-{mix}-{n}": ("deepseek", "4bit", _course(DEEPSEEK, mix),
                                        {"mix": mix, "unsloth": True, "pack_tokens": n, "cap_gib": 5.5})
-       for mix in MIXES for n in (2048, 4096, 6144)},
+       for mix in MIXES for n in (2048, 4096, 5120, 6144)},
     # quality: the seed's padded batches vs the course's path on the same packs of sequences
     # with the same hyper-parameters (lr 1e-4, no dropout): the per-step losses should agree
     "qwen2-seed-same": ("qwen2", "bf16", replace(QWEN2.seed_config, lora_dropout=0.0),
@@ -389,7 +389,20 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         "offload": bool(getattr(trainer, "offload", None)),
         "host_gib": round(trainer.offload.host_bytes / 2**30, 2) if getattr(trainer, "offload", None) else None,
         "estimate_host_gib": round(est.host_gib, 2) if est and hasattr(est, "host_gib") else None,
+        "pinned_host_peak_gib": pinned_peak_gib(),
     }
+
+
+def pinned_peak_gib() -> float | None:
+    """Peak pinned host memory PyTorch's caching host allocator held (power-of-two blocks)."""
+    import torch
+
+    try:
+        stats = torch.cuda.host_memory_stats()
+    except (AttributeError, RuntimeError):
+        return None
+    peak = stats.get("allocated_bytes.peak", stats.get("reserved_bytes.peak"))
+    return round(peak / 2**30, 2) if peak is not None else None
 
 
 def trl_trainer(model, tokenizer, ds, tutorial, cfg, opts, out):
@@ -457,7 +470,7 @@ def check_offload() -> dict:
     batch = training.collator(None, True)([{"input_ids": seqs, "labels": seqs}])
     batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items()}
     results = []
-    for offload in (None, training.OffloadActivations(min_bytes=1 << 16)):
+    for offload in (None, None, training.OffloadActivations(min_bytes=1 << 16)):  # plain twice: the noise
         model.zero_grad()
         torch.cuda.reset_peak_memory_stats()
         with torch.autocast("cuda", dtype=torch.bfloat16), (offload or contextlib.nullcontext()):
@@ -466,9 +479,12 @@ def check_offload() -> dict:
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.item(), grads, torch.cuda.max_memory_allocated() / 2**20,
                         offload.host_bytes / 2**20 if offload else 0, len(offload.stored) if offload else 0))
-    (l0, g0, m0, _, _), (l1, g1, m1, host, n) = results
+    (l0, g0, m0, _, _), (lp, gp, _, _, _), (l1, g1, m1, host, n) = results
     return {"check": "offload_vs_plain", "loss_diff": abs(l0 - l1),
-            "max_grad_diff": max((g0[k] - g1[k]).abs().max().item() for k in g0), "offloaded_tensors": n,
+            "max_grad_diff": max((g0[k] - g1[k]).abs().max().item() for k in g0),
+            "plain_twice_loss_diff": abs(l0 - lp),
+            "plain_twice_max_grad_diff": max((g0[k] - gp[k]).abs().max().item() for k in g0),
+            "grad_scale": max(g0[k].abs().max().item() for k in g0), "offloaded_tensors": n,
             "host_mib": round(host, 1), "peak_mib_plain": round(m0), "peak_mib_offload": round(m1)}
 
 
@@ -493,6 +509,9 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(CONFIGS)
     losses: dict[str, list[float]] = {}
     for name in names:
+        if CONFIGS[name][3].get("unsloth") and importlib.util.find_spec("unsloth") is None:
+            print(json.dumps({"config": name, "skipped": "unsloth is not installed"}), flush=True)
+            continue
         cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),
                "--tflops", str(tflops), "--workdir", args.workdir]
         env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
