@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +151,9 @@ def _type_name(value: Any) -> str:
     """Name a JSON value's type the way a learner reading the file thinks of it."""
     if value is None:
         return "null"
-    return {dict: "object", list: "array", bool: "bool"}.get(type(value), type(value).__name__)
+    if isinstance(value, dict):
+        return "object"
+    return {list: "array", bool: "bool"}.get(type(value), type(value).__name__)
 
 
 def _read_text(path: Path) -> str:
@@ -186,6 +189,35 @@ def _read_text(path: Path) -> str:
     return text
 
 
+class _Object(dict):
+    """A JSON object as parsed, remembering keys it held twice (`duplicates`), nested ones too."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    """`json.loads` hook: a plain dict would keep the last of two equal keys without a word."""
+    obj = _Object(pairs)
+    counts = Counter(key for key, _ in pairs)
+    duplicates = [key for key, n in counts.items() if n > 1]
+    for key, value in obj.items():
+        for child in value if isinstance(value, list) else [value]:
+            duplicates += [f"{key}.{inner}" for inner in getattr(child, "duplicates", ())]
+    if duplicates:
+        obj.duplicates = tuple(duplicates)
+    return obj
+
+
+def _unreadable(err: Exception, text: str, whole_file: bool) -> str:
+    """The problem text for JSON that is valid but beyond Python's reader: nesting deeper than
+    its recursion limit, or an integer longer than its digit limit (both raise without a place)."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply to read (arrays or objects inside each other ~1000 levels)"
+    digits = re.search(r"\d{%d,}" % (sys.get_int_max_str_digits() + 1), text)
+    where = f" at line {text.count(chr(10), 0, digits.start()) + 1}" if digits and whole_file else ""
+    return f"a number too long to read{where} ({err}); records hold text, not numbers"
+
+
 def _parse_json(text: str, name: str) -> list[tuple[int, Any]]:
     """Parse a ``.json`` file that must hold a list; return ``(record number, value)`` pairs.
 
@@ -193,11 +225,13 @@ def _parse_json(text: str, name: str) -> list[tuple[int, Any]]:
         DataError: invalid JSON (with line and column) or a top level that is not a list.
     """
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_object)
     except json.JSONDecodeError as err:
         raise DataError(
             f"not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}", file=name
         ) from None
+    except (RecursionError, ValueError) as err:
+        raise DataError(_unreadable(err, text, True), file=name) from None
     if not isinstance(value, list):
         raise DataError(
             f"top level must be a JSON array (list) of records, got {_type_name(value)}", file=name
@@ -214,11 +248,13 @@ def _parse_jsonl(text: str, name: str) -> list[tuple[int, Any]]:
         DataError: a line is not valid JSON (naming the line and column).
     """
     items = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines also splits on U+2028, U+0085 and others, which JSON allows
+    # unescaped inside strings, and would cut such a line in two
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            items.append((lineno, json.loads(line)))
+            items.append((lineno, json.loads(line, object_pairs_hook=_object)))
         except json.JSONDecodeError as err:
             raise DataError(
                 f"not valid JSON at column {err.colno}: {err.msg}",
@@ -226,6 +262,9 @@ def _parse_jsonl(text: str, name: str) -> list[tuple[int, Any]]:
                 record=lineno,
                 unit="line",
             ) from None
+        except (RecursionError, ValueError) as err:
+            raise DataError(_unreadable(err, line, False), file=name, record=lineno,
+                            unit="line") from None
     return items
 
 
@@ -353,8 +392,16 @@ def _normalise(value: Any) -> tuple[dict[str, Any], int]:
     """
     if not isinstance(value, dict):
         raise ValueError(f"record must be a JSON object, got {_type_name(value)}")
+    twice = getattr(value, "duplicates", ())
+    if twice:
+        raise ValueError(f"field '{twice[0]}' appears twice in the record: JSON keeps only the "
+                         "last value; remove one")
+    formats = [k for k in ("instruction", *CHAT_FORMATS) if k in value]
+    if len(formats) > 1:
+        raise ValueError(f"field '{formats[1]}' is a second conversation next to '{formats[0]}': "
+                         "only one would train; keep one format a record")
     chat = next((k for k in CHAT_FORMATS if k in value), None)
-    if chat and "instruction" not in value:
+    if chat:
         value = _from_chat(value, chat)
     texts = {
         key: _check_string(value, key, required=key in ("instruction", "output"))

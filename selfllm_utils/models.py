@@ -16,18 +16,26 @@ from . import cache, registry, smoke
 from .registry import ChatFamily, TrainConfig, Tutorial
 
 WEIGHT_FILES = ("*.safetensors", "*.bin")
+# Any one of these is a whole tokenizer. Without them AutoTokenizer still loads one, from
+# tokenizer_config.json alone: a few special tokens, and "hello world" encodes to nothing.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+
+
+class ModelFolderError(RuntimeError):
+    """A model folder that would not load as the model it claims to be; the message says which
+    file or tensors are missing and what to do."""
 
 
 def local_model(tutorial: Tutorial) -> Path:
     """The tutorial's complete model folder in the course cache, found with no network.
 
-    Any layout ModelScope has written counts (cache.local_copy). Raises RuntimeError in one
+    Any layout ModelScope has written counts (cache.local_copy). Raises ModelFolderError in one
     line naming what is missing: the whole folder, or a file of a cut-off download.
     """
     cache_dir = registry.home() / "models"
     folder = cache.local_copy(tutorial.modelscope_id, cache_dir)
     if folder is None:
-        raise RuntimeError(f"{tutorial.modelscope_id} is not in the course cache {cache_dir}")
+        raise ModelFolderError(f"{tutorial.modelscope_id} is not in the course cache {cache_dir}")
     return check_model_dir(folder)
 
 
@@ -46,7 +54,7 @@ def download(tutorial: Tutorial, command: str | None = None) -> Path:
         path = cache.fetch(tutorial.modelscope_id, registry.home() / "models")
     except Exception as err:  # network errors come in many types; one line tells the learner
         reason = str(err).splitlines()[0][:200] if str(err) else ""
-        raise RuntimeError(
+        raise ModelFolderError(
             f"{missing}, and it could not be downloaded from ModelScope ({type(err).__name__}: "
             f"{reason}). Are you offline? Fill the cache on a connected machine with "
             f"`{command or 'selfllm download ' + tutorial.key}` and point SELFLLM_HOME at it, "
@@ -56,22 +64,32 @@ def download(tutorial: Tutorial, command: str | None = None) -> Path:
 
 
 def check_model_dir(path: Path) -> Path:
-    """Refuse a folder that cannot load, with a sentence instead of a stack trace mid-training."""
+    """Refuse a folder that cannot load, or would load wrong, with a sentence instead of a stack
+    trace mid-training (or a tokenizer that silently encodes nothing).
+
+    Raises:
+        ModelFolderError: no config.json, the remote-code GLM-4, no weights, a shard its index
+            lists, or no tokenizer file (`TOKENIZER_FILES`).
+    """
     config = path / "config.json"
     if not config.exists():
-        raise RuntimeError(f"{path} has no config.json: not a model folder, or a partial download")
+        raise ModelFolderError(f"{path} has no config.json: not a model folder, or a partial download")
     if json.loads(config.read_text()).get("model_type") == "chatglm":
-        raise RuntimeError(f"{path} is the remote-code GLM-4 checkpoint (ZhipuAI/glm-4-9b-chat), whose "
-                           "code breaks as transformers moves; use ZhipuAI/glm-4-9b-chat-hf instead")
+        raise ModelFolderError(f"{path} is the remote-code GLM-4 checkpoint (ZhipuAI/glm-4-9b-chat), "
+                               "whose code breaks as transformers moves; use ZhipuAI/glm-4-9b-chat-hf instead")
     if not any(f for pattern in WEIGHT_FILES for f in path.glob(pattern)):
-        raise RuntimeError(f"{path} has no weight files: the download was cut off; run it again")
+        raise ModelFolderError(f"{path} has no weight files: the download was cut off; run it again")
     # a cut-off sharded download: some shards done, others still ModelScope's *.incomplete files
     for index in path.glob("*.index.json"):
         missing = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values())
                          - {f.name for f in path.iterdir()})
         if missing:
-            raise RuntimeError(f"{path} lacks {len(missing)} weight file(s) its {index.name} lists "
-                               f"({missing[0]}, ...): the download was cut off; run it again")
+            raise ModelFolderError(f"{path} lacks {len(missing)} weight file(s) its {index.name} lists "
+                                   f"({missing[0]}, ...): the download was cut off; run it again")
+    if not any(all((path / name).is_file() for name in names) for names in TOKENIZER_FILES):
+        raise ModelFolderError(f"{path} has no tokenizer.json (nor tokenizer.model, nor vocab.json with "
+                               "merges.txt): the tokenizer would load nearly empty; copy the whole "
+                               "model folder, or download it again")
     return path
 
 
@@ -144,7 +162,12 @@ def load_model(tutorial: Tutorial, quant: str = "bf16", smoke_mode: bool | None 
         kwargs["device_map"] = {"": int(rank) if rank else torch.cuda.current_device()}
     if quant == "4bit":
         kwargs["quantization_config"] = _quantization(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model, loading = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    if loading["missing_keys"]:  # from_pretrained fills them with random numbers, and only logs it
+        missing = sorted(loading["missing_keys"])
+        raise ModelFolderError(f"{path}: its weight files lack {len(missing)} tensor(s) the model needs "
+                               f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): they "
+                               "would start random; a shard was cut off or replaced: download it again")
     if quant == "4bit" and not cuda:
         _keep_4bit_trainable_on_cpu(model)
     model.generation_config.eos_token_id = stop_ids(tokenizer, tutorial.family)

@@ -437,8 +437,9 @@ def test_empty_history_turn_refused(tmp_path: Path, pair: list[str], problem: st
 
 @pytest.mark.parametrize("key", ["instruction", "input", "output", "system"])
 def test_lone_surrogate_refused(tmp_path: Path, key: str) -> None:
-    path = tmp_path / "d.json"  # json.dumps would escape it the same way: \ud83d in the file
-    path.write_text('[{"instruction": "q", "output": "a", "%s": "表情\\ud83d"}]' % key)
+    path = tmp_path / "d.json"  # json.dumps escapes it: \ud83d in the file
+    path.write_text(json.dumps([{"instruction": "q", "output": "a", key: "表情\ud83d"}]))
+    assert "\\ud83d" in path.read_text()
     assert_refused(path, 1, key, f"field '{key}' is not valid Unicode text: lone surrogate \\ud83d")
 
 
@@ -553,3 +554,64 @@ def test_answers_whitespace_stripped_and_counted(tmp_path: Path) -> None:
         "2 answers began or ended with whitespace, stripped (Qwen2 would tokenize a leading one "
         "differently at inference)"
     ]
+
+
+# --- JSON that is valid but easy to misread (issue 26) ----------------------------------------
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u0085", "\u2029"])
+def test_jsonl_line_separators_inside_strings_are_text(tmp_path: Path, char: str) -> None:
+    """JSON allows these unescaped in a string; str.splitlines would cut the line there."""
+    rows = [good(1, output=f"第一句{char}第二句"), good(2)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n",
+                    encoding="utf-8")
+    assert char in path.read_text(encoding="utf-8")  # written raw, not escaped
+    records, report = load_records(path)
+    assert report.kept == 2 and records[0]["output"] == f"第一句{char}第二句"
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"instruction": "问", "output": "答一", "output": "答二"}', "output"),
+        ('{"conversations": [{"from": "human", "from": "gpt", "value": "问"}]}', "conversations"),
+    ],
+    ids=["top-level", "nested"],
+)
+def test_a_key_twice_in_one_record_is_refused(tmp_path: Path, text: str, field: str) -> None:
+    path = write_jsonl(tmp_path, [json.dumps(good(1), ensure_ascii=False), text])
+    with pytest.raises(DataError, match=rf"^d\.jsonl, line 2: field '{field}[.\w]*' appears twice"):
+        load_records(path)
+    _, report = load_records(path, on_error="skip")  # skipped with its reason, never silently
+    assert report.kept == 1 and report.skipped[0][0] == 2 and "appears twice" in report.skipped[0][1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "second"),
+    [({"messages": OPENAI[0]["messages"]}, "messages"), (SHAREGPT[0], "conversations")],
+    ids=["two-chat-formats", "instruction-and-chat"],
+)
+def test_two_conversation_formats_in_one_record_are_refused(tmp_path: Path, extra: dict,
+                                                            second: str) -> None:
+    first = {**SHAREGPT[1]} if second == "messages" else good(1)
+    path = write_json(tmp_path, [good(0), {**first, **extra}])
+    assert_refused(path, 2, second, "second conversation")
+
+
+@pytest.mark.parametrize("jsonl", [False, True], ids=["json", "jsonl"])
+@pytest.mark.parametrize("kind", ["deep", "huge-number"])
+def test_json_beyond_pythons_reader_is_one_line_with_the_place(tmp_path: Path, jsonl: bool,
+                                                               kind: str) -> None:
+    value = "[" * 100_000 + "]" * 100_000 if kind == "deep" else "9" * 5000
+    bad = '{"instruction": "问", "output": ' + value + "}"
+    first = json.dumps(good(1), ensure_ascii=False)
+    path = tmp_path / ("d.jsonl" if jsonl else "d.json")
+    path.write_text(f"{first}\n{bad}\n" if jsonl else f"[{first},\n{bad}]", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_records(path, on_error="skip")
+    where = "d.jsonl, line 2: " if jsonl else "d.json: "
+    assert str(err.value).startswith(where) and "\n" not in str(err.value)
+    assert ("nested too deeply" if kind == "deep" else "number too long") in str(err.value)
+    if kind != "deep" and not jsonl:
+        assert "at line 2" in str(err.value)

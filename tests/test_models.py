@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,6 +109,7 @@ def test_check_model_dir_without_weights(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="has no weight files"):
         models.check_model_dir(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_text("{}")
     assert models.check_model_dir(tmp_path) == tmp_path
 
 
@@ -277,3 +279,42 @@ def test_tied_embeddings_stay_where_lm_head_is() -> None:
 def test_a_local_folder_that_is_no_model_is_refused_in_a_sentence(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="no config.json"):
         models.load_model(registry.get(KEY), path=tmp_path)
+
+
+# --- partial model folders load wrong without a word: refused in one line (issue 26) ---------
+
+
+PARTIAL_KEY = "qwen1.5"  # tiny Qwen2: its tokenizer class loads from tokenizer_config.json alone
+
+
+@pytest.fixture
+def model_copy(tmp_path) -> Path:
+    """A copy of the tiny Qwen1.5 stand-in's folder, to cut pieces out of."""
+    import shutil
+
+    source = models.model_path(registry.get(PARTIAL_KEY), smoke_mode=True)
+    return Path(shutil.copytree(source, tmp_path / "model"))
+
+
+def test_a_folder_without_its_tokenizer_is_refused(model_copy: Path) -> None:
+    from transformers import AutoTokenizer
+
+    (model_copy / "tokenizer.json").unlink()
+    empty = AutoTokenizer.from_pretrained(model_copy)  # what loading it would have given
+    assert len(empty) < 10 and empty("hello world", add_special_tokens=False)["input_ids"] == []
+    with pytest.raises(models.ModelFolderError) as err:
+        models.load_model(registry.get(PARTIAL_KEY), path=model_copy)
+    assert "has no tokenizer.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_weights_missing_tensors_are_refused_not_random(model_copy: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model_copy / "model.safetensors")
+    gone = sorted(k for k in weights if ".1.mlp." in k)
+    save_file({k: v for k, v in weights.items() if k not in gone}, model_copy / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(models.ModelFolderError) as err:
+        models.load_model(registry.get(PARTIAL_KEY), path=model_copy)
+    assert f"lack {len(gone)} tensor(s)" in str(err.value) and gone[0] in str(err.value)
+    assert "\n" not in str(err.value)
