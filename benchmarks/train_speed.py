@@ -20,6 +20,8 @@ rate measured in the same run, and the per-step losses (quality check: same data
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 from dataclasses import replace
 import json
 import os
@@ -61,14 +63,31 @@ CONFIGS: dict[str, tuple] = {
                                     {"mix": mix, "trl": True, "pack_tokens": n})
            for n in ((4096, 8192) if mix != "long" else (8192, 16384))},
         f"glm4-course-24g-{mix}": ("glm4", "bf16", _course(GLM4, mix), {"mix": mix, "cap_gib": 24}),
-        # a 4,096-token example does not fit 5.5 GiB even in 4-bit (memory.token_budget refuses
-        # it in one line): a learner on a 6 GB card cuts long chats at 2,048 (end token kept)
-        f"deepseek-qlora-course-{mix}": ("deepseek", "4bit", replace(_course(DEEPSEEK, mix),
-                                         max_length=min(2048, MIXES[mix][2])), {"mix": mix, "cap_gib": 5.5}),
+        # with the checkpointed activations offloaded a 4,096-token example fits 5.5 GiB in 4-bit
+        # (without, memory.token_budget refuses it and a 6 GB card cuts long chats at 2,048)
+        f"deepseek-qlora-course-{mix}": ("deepseek", "4bit", _course(DEEPSEEK, mix), {"mix": mix, "cap_gib": 5.5}),
     }.items()},
     # neighbours of the fitted QLoRA budget under the 5.5 GiB cap, set by hand (calibration)
     **{f"deepseek-qlora-course-chat-t{n}": ("deepseek", "4bit", replace(DEEPSEEK.config, batch_tokens=n),
                                             {"mix": "chat", "cap_gib": 5.5}) for n in (2688, 3200)},
+    # the course's path before activation offloading (the 2026-12-02 default), and with it at
+    # budgets set by hand around the one token_budget fits (calibration of the offload estimate)
+    **{f"deepseek-qlora-nooffload-{mix}": ("deepseek", "4bit", replace(_course(DEEPSEEK, mix), offload_activations=False,
+                                           max_length=min(2048, MIXES[mix][2])), {"mix": mix, "cap_gib": 5.5})
+       for mix in MIXES},
+    **{f"deepseek-qlora-offload-chat-t{n}": ("deepseek", "4bit", replace(DEEPSEEK.config, batch_tokens=n,
+                                             gradient_checkpointing=True, offload_activations=True),
+                                             {"mix": "chat", "cap_gib": 5.5}) for n in (4096, 5120, 6144, 6912)},
+    **{f"glm4-24g-offload-{mix}": ("glm4", "bf16", replace(_course(GLM4, mix), offload_activations=True),
+                                   {"mix": mix, "cap_gib": 24}) for mix in MIXES},
+    **{f"glm4-24g-nooffload-{mix}": ("glm4", "bf16", replace(_course(GLM4, mix), offload_activations=False),
+                                     {"mix": mix, "cap_gib": 24}) for mix in MIXES},
+    # Unsloth as an anchor (its own process, its own path: FastLanguageModel, its SFTTrainer, its
+    # checkpointing "unsloth" that offloads to host memory), packed to these lengths, adamw_8bit;
+    # the cap is set after its 4-bit load
+    **{f"deepseek-unsloth-{mix}-{n}": ("deepseek", "4bit", _course(DEEPSEEK, mix),
+                                       {"mix": mix, "unsloth": True, "pack_tokens": n, "cap_gib": 5.5})
+       for mix in MIXES for n in (2048, 4096, 5120, 6144)},
     # quality: the seed's padded batches vs the course's path on the same packs of sequences
     # with the same hyper-parameters (lr 1e-4, no dropout): the per-step losses should agree
     "qwen2-seed-same": ("qwen2", "bf16", replace(QWEN2.seed_config, lora_dropout=0.0),
@@ -80,6 +99,10 @@ CONFIGS: dict[str, tuple] = {
     "deepseek-qlora-course-same": ("deepseek", "4bit", replace(DEEPSEEK.config, batch_tokens=SAME_TOKENS,
                                                           learning_rate=1e-4, gradient_checkpointing=True),
                                    {"mix": "chat"}),
+    # the same pair's course side with activation offloading on
+    "deepseek-qlora-offload-same": ("deepseek", "4bit", replace(DEEPSEEK.config, batch_tokens=SAME_TOKENS,
+                                                           learning_rate=1e-4, gradient_checkpointing=True,
+                                                           offload_activations=True), {"mix": "chat"}),
 }
 
 
@@ -225,8 +248,68 @@ def padded_packs(tokenizer):
                               for f in feats for i, l in zip(f["input_ids"], f["labels"])])
 
 
+def run_unsloth(name: str, steps: int, tflops: float, workdir: Path) -> dict:
+    """Unsloth's own path, as its notebooks train: FastLanguageModel (4-bit on load), its LoRA with
+    `use_gradient_checkpointing="unsloth"`, TRL's SFTTrainer as Unsloth patches it, adamw_8bit,
+    best-fit packing without padding. Imported first: it patches transformers, peft and trl."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    import unsloth  # noqa: F401  (before transformers)
+    from unsloth import FastLanguageModel
+
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from selfllm_utils import training
+
+    key, quant, cfg, opts = CONFIGS[name]
+    tutorial, n = R.get(key), opts["pack_tokens"]
+    folder = build_random_model(tutorial, workdir / key)
+    torch.cuda.empty_cache()
+    started = time.perf_counter()
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=n,
+                                                         dtype=torch.bfloat16, load_in_4bit=quant == "4bit")
+    load_s = time.perf_counter() - started
+    cap = opts.get("cap_gib")
+    if cap:  # after loading, as before: its load passes through more memory than it keeps
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(cap / total)
+    model = FastLanguageModel.get_peft_model(model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0,
+                                             target_modules=list(tutorial.lora_targets), bias="none",
+                                             use_gradient_checkpointing="unsloth", random_state=cfg.seed)
+    ds = synthetic_dataset(max(512, round(1.3 * steps * n / MIXES[opts["mix"]][0])), len(tokenizer), opts["mix"])
+    ds = ds.filter(lambda ex: len(ex["input_ids"]) <= cfg.max_length)
+    ds = ds.map(lambda ex: {"completion_mask": [int(x != -100) for x in ex["labels"]]})
+    ds = ds.remove_columns(["labels", "attention_mask"])
+    args = SFTConfig(output_dir=str(workdir / name), per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                     max_steps=steps, learning_rate=cfg.learning_rate, logging_steps=1, bf16=True, packing=True,
+                     packing_strategy="bfd", padding_free=True, max_length=n, optim="adamw_8bit",
+                     report_to="none", save_strategy="no", completion_only_loss=True, disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    counts: list[int] = []
+    clock = training.StepClock()
+    trainer.data_collator = counting(trainer.data_collator, counts)
+    trainer.add_callback(clock)
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    tps = training.tokens_per_second({"ranks": [{"tokens": counts, "step_times": clock.times}]}, 1,
+                                     warmup=WARMUP_STEPS)
+    losses = list(training.logged(trainer).values())
+    return {"config": name, "gpu": torch.cuda.get_device_name(0), "mix": opts["mix"], "tokens_per_s": round(tps),
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "unsloth": unsloth.__version__, "pack_tokens": n, "cap_gib": cap, "optim": "adamw_8bit",
+            "checkpointing": "unsloth", "loss_last5": round(sum(losses[-5:]) / len(losses[-5:]), 4),
+            "losses": [round(x, 4) for x in losses], "load_s": round(load_s, 1), "steps": steps,
+            "tokens_per_step": round(sum(counts[WARMUP_STEPS:steps]) / (steps - WARMUP_STEPS)),
+            "max_length": cfg.max_length}
+
+
 def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     import torch
+
+    if CONFIGS[name][3].get("unsloth"):
+        return run_unsloth(name, steps, tflops, workdir)
 
     from selfllm_utils import memory, models, training
 
@@ -303,7 +386,23 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         "packing": cfg.packing, "checkpointing": cfg.gradient_checkpointing, "liger": cfg.use_liger,
         "optim": cfg.optim, "cap_gib": cap, "embeddings_on_cpu": cfg.embeddings_on_cpu,
         "max_length": cfg.max_length, "pack_tokens": opts.get("pack_tokens"),
+        "offload": bool(getattr(trainer, "offload", None)),
+        "host_gib": round(trainer.offload.host_bytes / 2**30, 2) if getattr(trainer, "offload", None) else None,
+        "estimate_host_gib": round(est.host_gib, 2) if est and hasattr(est, "host_gib") else None,
+        "pinned_host_peak_gib": pinned_peak_gib(),
     }
+
+
+def pinned_peak_gib() -> float | None:
+    """Peak pinned host memory PyTorch's caching host allocator held (power-of-two blocks)."""
+    import torch
+
+    try:
+        stats = torch.cuda.host_memory_stats()
+    except (AttributeError, RuntimeError):
+        return None
+    peak = stats.get("allocated_bytes.peak", stats.get("reserved_bytes.peak"))
+    return round(peak / 2**30, 2) if peak is not None else None
 
 
 def trl_trainer(model, tokenizer, ds, tutorial, cfg, opts, out):
@@ -349,6 +448,46 @@ def check_varlen() -> dict:
             "logit_scale": ref.abs().max().item()}
 
 
+def check_offload() -> dict:
+    """A packed, checkpointed LoRA step on this GPU with and without training.OffloadActivations:
+    the loss and every LoRA gradient must be bit-identical (the copies are exact)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from selfllm_utils import models, training
+
+    config = AutoConfig.for_model("llama", vocab_size=1000, hidden_size=1024, intermediate_size=2048,
+                                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, use_cache=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
+    cfg = replace(DEEPSEEK.config, gradient_checkpointing=True, batch_tokens=4096)
+    model = models.add_lora(model, DEEPSEEK, cfg)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    training.use_varlen_attention(model)
+    seqs = [[int(x) for x in torch.randint(5, 1000, (n,))] for n in (700, 1500, 300, 1200)]
+    batch = training.collator(None, True)([{"input_ids": seqs, "labels": seqs}])
+    batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items()}
+    results = []
+    for offload in (None, None, training.OffloadActivations(min_bytes=1 << 16)):  # plain twice: the noise
+        model.zero_grad()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16), (offload or contextlib.nullcontext()):
+            loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads, torch.cuda.max_memory_allocated() / 2**20,
+                        offload.host_bytes / 2**20 if offload else 0, len(offload.stored) if offload else 0))
+    (l0, g0, m0, _, _), (lp, gp, _, _, _), (l1, g1, m1, host, n) = results
+    return {"check": "offload_vs_plain", "loss_diff": abs(l0 - l1),
+            "max_grad_diff": max((g0[k] - g1[k]).abs().max().item() for k in g0),
+            "plain_twice_loss_diff": abs(l0 - lp),
+            "plain_twice_max_grad_diff": max((g0[k] - gp[k]).abs().max().item() for k in g0),
+            "grad_scale": max(g0[k].abs().max().item() for k in g0), "offloaded_tensors": n,
+            "host_mib": round(host, 1), "peak_mib_plain": round(m0), "peak_mib_offload": round(m1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated configuration names")
@@ -366,9 +505,13 @@ def main() -> None:
         return
     tflops = matmul_tflops()
     print(json.dumps(check_varlen()), flush=True)
+    print(json.dumps(check_offload()), flush=True)
     names = args.only.split(",") if args.only else list(CONFIGS)
     losses: dict[str, list[float]] = {}
     for name in names:
+        if CONFIGS[name][3].get("unsloth") and importlib.util.find_spec("unsloth") is None:
+            print(json.dumps({"config": name, "skipped": "unsloth is not installed"}), flush=True)
+            continue
         cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),
                "--tflops", str(tflops), "--workdir", args.workdir]
         env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
@@ -384,9 +527,9 @@ def main() -> None:
         if all(CONFIGS[n][0] != key for n in names[names.index(name) + 1:]):
             shutil.rmtree(Path(args.workdir) / key, ignore_errors=True)  # a 7-9B folder is 15-19 GB
     for seed in [n for n in losses if n.endswith("-seed-same")]:
-        course = seed.replace("-seed-same", "-course-same")
-        if course in losses:
-            print(json.dumps(same_data_check(seed, course, losses[seed], losses[course])), flush=True)
+        for course in (seed.replace("-seed-same", "-course-same"), seed.replace("-seed-same", "-offload-same")):
+            if course in losses:
+                print(json.dumps(same_data_check(seed, course, losses[seed], losses[course])), flush=True)
 
 
 def same_data_check(seed: str, course: str, a: list[float], b: list[float]) -> dict:

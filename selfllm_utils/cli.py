@@ -60,10 +60,13 @@ def cached_models() -> list[str]:
     return found
 
 
-def fit_report(memory_gib: float | None, gpus: int = 1) -> dict[str, str]:
+def fit_report(memory_gib: float | None, gpus: int = 1, host_gib: float | None = None) -> dict[str, str]:
     """For each tutorial: the token budget its course recipe gets on this GPU, and why
     (`memory.token_budget`, the same call the notebooks make), or why it does not fit.
-    Notebook 04's script spreads over this machine's `gpus` and picks its plan first
+    `host_gib`, the free host RAM (default: this machine's), decides whether the checkpointed
+    activations may be offloaded there: the verdict says how much that needs, or why not.
+    A tutorial whose notebook launches a script (`Tutorial.script`: notebook 04's train_zero3)
+    spreads over this machine's `gpus` and picks its plan first
     (`distributed.choose_plan`: on one 24 GB card, ZeRO-3 with offload)."""
     from . import distributed, memory
 
@@ -77,11 +80,12 @@ def fit_report(memory_gib: float | None, gpus: int = 1) -> dict[str, str]:
                              f"~{least.total_gib:.0f} GiB, {quant})")
             continue
         try:
-            if t.key == "qwen1.5":  # notebook 04 launches train_zero3, which chooses a plan
+            if t.script:  # its notebook launches a script (train_zero3), which chooses a plan
                 plan = distributed.choose_plan(t, t.config, quant, memory_gib, gpus)
                 report[t.key] = f"fits ({quant}, {plan.name} on {gpus} GPU(s)): {plan}"
             else:
-                report[t.key] = f"fits ({quant}): {memory.token_budget(t, t.config, quant, gpu_gib=memory_gib)}"
+                budget = memory.token_budget(t, t.config, quant, gpu_gib=memory_gib, host_gib=host_gib)
+                report[t.key] = f"fits ({quant}): {budget}"
         except ValueError as err:
             report[t.key] = f"does not fit: {err}"
     return report
@@ -89,12 +93,17 @@ def fit_report(memory_gib: float | None, gpus: int = 1) -> dict[str, str]:
 
 def doctor(as_json: bool = False) -> dict:
     """Everything an instructor needs to know about a machine, in one object."""
+    from . import memory
+
     device = gpu()
+    host_ram = memory.host_memory_gib()  # offloaded activations need it (the verdicts say how much)
     info = {
         "host": platform.node(), "python": sys.version.split()[0], "versions": versions(), "gpu": device,
+        "host_ram_gib": round(host_ram, 1) if host_ram is not None else None,
         "smoke_mode": registry.smoke_mode(), "home": str(registry.home()),
         "cached_models": cached_models(),
-        "tutorials": fit_report(device["memory_gib"] if device else None, device["count"] if device else 1),
+        "tutorials": fit_report(device["memory_gib"] if device else None, device["count"] if device else 1,
+                                host_ram),
     }
     if as_json:
         print(json.dumps(info, ensure_ascii=False))
@@ -104,6 +113,8 @@ def doctor(as_json: bool = False) -> dict:
             print(f"  {name:14s} {version or '-- not installed'}")
         print(f"GPU: {device['name']} x{device['count']}, {device['memory_gib']} GiB" if device
               else "GPU: none (CPU only)")
+        print(f"host RAM available: {info['host_ram_gib']} GiB" if host_ram is not None
+              else "host RAM available: unknown (activations are not offloaded)")
         print(f"mode: {'smoke (small stand-in models)' if info['smoke_mode'] else 'real models'}")
         print(f"cached models: {', '.join(info['cached_models']) or 'none'}")
         for key, verdict in info["tutorials"].items():

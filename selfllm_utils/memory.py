@@ -31,6 +31,12 @@ Activations, for `batch_tokens` tokens in one micro-batch (the peak of forward +
     and never holds the whole tensor.
 Overhead: the CUDA context and cuBLAS workspaces, which `torch.cuda.max_memory_allocated` does
     not show but `nvidia-smi` does: OVERHEAD_GIB.
+Offloaded activations (`offload_activations`, with checkpointing; `training.OffloadActivations`):
+    the layer inputs checkpointing keeps (2*h bytes a token a layer) wait in pinned host memory
+    instead, and only OFFLOAD_IN_FLIGHT of them are on the GPU at a time (the one being copied
+    out, or the next one coming back). The host then holds every layer's input and a few more
+    saved tensors of the same size (the final norm's input, the loss's): (layers + 2) copies, each
+    rounded up to a power of two bytes, as PyTorch's pinned-memory allocator does: `host_gib`.
 
 Checked against `torch.cuda.max_memory_allocated` on an H100 (DeepSeek-7B shape, random
 weights, the course's `models.load_model` + `add_lora` + `training.make_trainer`): within
@@ -73,6 +79,10 @@ DEFAULT_BATCH_TOKENS = 4096  # what `estimate_memory` assumes when no budget is 
 # (63.2 GiB allocated at 10,496 tokens, 2026-11-26); on one H200 (2026-12-01) the estimate is then
 # 0-4% above the measured peaks, with and without checkpointing, bf16 and 4-bit (tests/test_memory.py).
 LIGER_LAYER_FACTOR = 0.70
+# With offloaded activations, layer inputs on the GPU at once besides the layer at work; with 1
+# the estimate was 5% above the peaks measured on one H200 at 4,096-6,144 tokens (2026-12-02).
+OFFLOAD_IN_FLIGHT = 1
+OFFLOAD_EXTRA_COPIES = 2  # saved tensors of a layer input's size outside the layers (measured: 32 of 30 layers)
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_torch": 8, "adamw_torch_fused": 8,
                          "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
 QUANTS = ("bf16", "4bit")
@@ -128,7 +138,7 @@ def base_param_counts(tutorial: Tutorial) -> tuple[int, int]:
 
 
 def _activation_bytes(ref: dict, tokens: int, quant: str, checkpointing: bool,
-                      liger: bool) -> tuple[float, float]:
+                      liger: bool, offload: bool = False) -> tuple[float, float]:
     """(all activation bytes, of which logits and loss) at the peak of one forward + backward."""
     h, inter, layers = ref["hidden_size"], ref["intermediate_size"], ref["num_hidden_layers"]
     vocab = ref["vocab_size"]
@@ -140,7 +150,9 @@ def _activation_bytes(ref: dict, tokens: int, quant: str, checkpointing: bool,
         logits = tokens * vocab * LOGIT_BYTES
     layer *= LIGER_LAYER_FACTOR if liger else 1.0
     # with checkpointing: the layer inputs, and one layer's working set while it is recomputed
-    stored = layers * tokens * h * 2 + layer if checkpointing else layers * layer
+    # offloaded: only OFFLOAD_IN_FLIGHT of those inputs are on the GPU at once
+    kept = OFFLOAD_IN_FLIGHT if offload and checkpointing else layers
+    stored = kept * tokens * h * 2 + layer if checkpointing else layers * layer
     return stored + logits, logits
 
 
@@ -160,6 +172,7 @@ class MemoryEstimate:
     logits_gib: float
     overhead_gib: float
     lora_params: int
+    host_gib: float = 0.0  # pinned host memory the offloaded activations take (not in total_gib)
     total_gib: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -174,6 +187,8 @@ class MemoryEstimate:
                 ("activations", self.activations_gib, f"of which logits/loss {self.logits_gib:.2f}"),
                 ("overhead", self.overhead_gib, "CUDA context, workspaces"),
                 ("total", self.total_gib, "")]
+        if self.host_gib:
+            rows.append(("host RAM", self.host_gib, "offloaded activations, pinned (not GPU memory)"))
         lines = [self.setting] + [f"  {name:<12}{gib:7.2f} GiB  {note}" for name, gib, note in rows]
         return "\n".join(lines)
 
@@ -184,7 +199,8 @@ class MemoryEstimate:
 def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens: int | None = None,
                     lora_r: int = 8, gradient_checkpointing: bool = True, optimizer: str = "adamw",
                     zero_stage: int = 0, num_gpus: int = 1, offload: bool = False,
-                    liger: bool = False, embeddings_on_cpu: bool = False) -> MemoryEstimate:
+                    liger: bool = False, embeddings_on_cpu: bool = False,
+                    offload_activations: bool = False) -> MemoryEstimate:
     """Estimate the peak GPU memory of LoRA training per GPU; the formula is in the module docstring.
 
     Args:
@@ -202,6 +218,8 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
             full logits tensor (`TrainConfig.use_liger`).
         embeddings_on_cpu: The input embedding table lives in CPU memory
             (`TrainConfig.embeddings_on_cpu`, `models.embeddings_to_cpu`); tied tables stay.
+        offload_activations: Checkpointed layer inputs wait in host memory
+            (`TrainConfig.offload_activations`); the host RAM they take is `host_gib`.
 
     Returns:
         A MemoryEstimate; print it for a table.
@@ -221,6 +239,9 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
         raise ValueError("offload needs DeepSpeed ZeRO (zero_stage 1-3)")
     if quant == "4bit" and zero_stage == 3:
         raise ValueError("4-bit weights with ZeRO-3 are not supported here; use zero_stage=2")
+    if offload_activations and (not gradient_checkpointing or zero_stage):
+        raise ValueError("offload_activations needs gradient checkpointing and no ZeRO: it offloads the "
+                         "checkpointed layer inputs of one process")
     ref = t.reference_config
     tokens = batch_tokens or DEFAULT_BATCH_TOKENS
     linear, other = base_param_counts(t)
@@ -242,14 +263,19 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
         gathered = 2 * max(layer, ref["vocab_size"] * ref["hidden_size"])  # one module at a time
         weights = gathered + (0.0 if offload else weights / num_gpus)
         params = 0.0 if offload else params / num_gpus
-    activations, logits = _activation_bytes(ref, tokens, quant, gradient_checkpointing, liger)
+    activations, logits = _activation_bytes(ref, tokens, quant, gradient_checkpointing, liger, offload_activations)
+    host = 0.0
+    if offload_activations:
+        copy = tokens * ref["hidden_size"] * 2  # one layer input, bf16
+        host = (ref["num_hidden_layers"] + OFFLOAD_EXTRA_COPIES) * 2 ** math.ceil(math.log2(copy))
     setting = (f"{t.key}, {quant}, {tokens:,} tokens a batch, LoRA r={lora_r}, "
                f"{'checkpointing' if gradient_checkpointing else 'no checkpointing'}, {optimizer}"
                + (f", ZeRO-{zero_stage} on {num_gpus} GPU(s)" if zero_stage else "")
                + (", offload" if offload else "") + (", Liger loss" if liger else "")
-               + (", embeddings on CPU" if embeddings_on_cpu else ""))
+               + (", embeddings on CPU" if embeddings_on_cpu else "")
+               + (", activations offloaded to host RAM" if offload_activations else ""))
     return MemoryEstimate(setting, weights / GIB, (params + grads) / GIB, states / GIB,
-                          activations / GIB, logits / GIB, OVERHEAD_GIB, n_lora)
+                          activations / GIB, logits / GIB, OVERHEAD_GIB, n_lora, host / GIB)
 
 
 def fits(tutorial: Tutorial | str, gib: float, **kw) -> bool:
@@ -283,6 +309,11 @@ MARGIN = 0.05  # of the GPU's memory, for the allocator's fragmentation and the 
 BUDGET_STEP = 128
 MAX_BATCH_TOKENS = 16_384  # past this a step gains little speed and an epoch has few steps
 AUTO_NO_CHECKPOINT_TOKENS = 8_192
+# Activation offloading is switched on (cfg.offload_activations=None) where it lets a step of at
+# least OFFLOAD_MIN_GAIN times the tokens fit, and the copies take at most HOST_SHARE of the host
+# memory that is free (the data, the Python process and the pinned copies share it).
+OFFLOAD_MIN_GAIN = 1.25
+HOST_SHARE = 0.5
 
 
 def gpu_memory_gib() -> float | None:
@@ -295,6 +326,23 @@ def gpu_memory_gib() -> float | None:
     free, total = torch.cuda.mem_get_info()
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
     return min(free + torch.cuda.memory_reserved(), total * fraction) / GIB
+
+
+def host_memory_gib() -> float | None:
+    """Host memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available / GIB
+    except ImportError:
+        return None
 
 
 @dataclass
@@ -319,7 +367,9 @@ class TokenBudget:
 
     def __str__(self) -> str:
         size = f"{self.tokens:,} tokens a micro-batch" if self.tokens else "padded batches"
-        return f"batch_tokens: {size}, checkpointing {'on' if self.config.gradient_checkpointing else 'off'} ({self.reason})"
+        offload = ", activations offloaded to host RAM" if self.config.offload_activations else ""
+        return (f"batch_tokens: {size}, checkpointing {'on' if self.config.gradient_checkpointing else 'off'}"
+                f"{offload} ({self.reason})")
 
 
 def _largest_fit(t: Tutorial, usable: float, checkpointing: bool, **kw) -> int:
@@ -338,7 +388,7 @@ def _largest_fit(t: Tutorial, usable: float, checkpointing: bool, **kw) -> int:
 
 def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16",
                  gpu_gib: float | None = None, zero_stage: int = 0, num_gpus: int = 1,
-                 offload: bool = False) -> TokenBudget:
+                 offload: bool = False, host_gib: float | None = None) -> TokenBudget:
     """The one place that sets `cfg.batch_tokens`: how many tokens a packed micro-batch holds here.
 
     Set by hand (`cfg.batch_tokens`), it is kept (with a warning if the estimate says it will
@@ -348,6 +398,13 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
     always holds one example of `cfg.max_length` tokens, so no example is ever split. With
     `cfg.gradient_checkpointing=None` checkpointing is switched on only where the card would
     otherwise hold fewer than AUTO_NO_CHECKPOINT_TOKENS, and always under ZeRO-3.
+
+    With checkpointing on and `cfg.offload_activations=None`, the checkpointed layer inputs are
+    offloaded to host memory (`training.OffloadActivations`) where that lets a step of at least
+    OFFLOAD_MIN_GAIN times the tokens fit and its pinned copies (`estimate.host_gib`) take at most
+    HOST_SHARE of `host_gib` (default: what `host_memory_gib` finds); without that much host
+    memory the budget falls back to keeping them on the GPU, and says so. On a 6 GB card it more
+    than doubles the step; where the card already holds MAX_BATCH_TOKENS it stays off.
 
     Raises:
         ValueError: not even one `max_length` example fits, naming what to change.
@@ -362,15 +419,19 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
                            "sequences a batch, padded to the longest")
     ckpt = cfg.gradient_checkpointing
 
-    def chosen(tokens: int, checkpointing: bool, reason: str) -> TokenBudget:
-        new = dataclasses.replace(cfg, batch_tokens=tokens, gradient_checkpointing=checkpointing)
-        est = estimate_memory(t, batch_tokens=tokens, gradient_checkpointing=checkpointing, **kw)
+    def chosen(tokens: int, checkpointing: bool, reason: str, off: bool = False) -> TokenBudget:
+        new = dataclasses.replace(cfg, batch_tokens=tokens, gradient_checkpointing=checkpointing,
+                                  offload_activations=off)
+        est = estimate_memory(t, batch_tokens=tokens, gradient_checkpointing=checkpointing,
+                              offload_activations=off, **kw)
         return TokenBudget(new, est if gib is not None else None, gib, reason)
 
     if cfg.batch_tokens:
         by_hand = ("no GPU: the fixed CPU budget, registry.CPU_BATCH_TOKENS"
                    if gib is None and cfg.batch_tokens == registry.CPU_BATCH_TOKENS else "set by hand")
-        found = chosen(cfg.batch_tokens, True if ckpt is None else ckpt, by_hand)
+        checkpointing = True if ckpt is None else ckpt
+        found = chosen(cfg.batch_tokens, checkpointing, by_hand,
+                       bool(cfg.offload_activations and checkpointing and not zero_stage and gib is not None))
         if not found.fits:
             peak = found.estimate.total_gib - found.estimate.overhead_gib
             found.reason += f"; estimated peak {peak:.1f} GiB > {gib * (1 - MARGIN):.1f} GiB: may run out of memory"
@@ -388,6 +449,21 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
         ckpt = fits[False] < AUTO_NO_CHECKPOINT_TOKENS or fits[False] < cfg.max_length
         why = (f"without it only {fits[False]:,} would fit" if ckpt else "the card holds a full budget without it")
     tokens = fits[ckpt]
+    off, off_why = False, ""
+    if ckpt and not zero_stage and cfg.offload_activations is not False:
+        off_tokens = _largest_fit(t, usable, True, offload_activations=True, **kw)
+        need = estimate_memory(t, batch_tokens=off_tokens, offload_activations=True, **kw).host_gib
+        host = host_memory_gib() if host_gib is None else host_gib
+        if cfg.offload_activations is None and off_tokens < tokens * OFFLOAD_MIN_GAIN:
+            off_why = ""  # no gain worth the copies: nothing to say
+        elif host is None or need > host * HOST_SHARE:
+            off_why = (f"; activations stay on the GPU: offloading them ({off_tokens:,} tokens) needs "
+                       f"{need:.1f} GiB of host RAM, " + (f"{host:.1f} GiB available" if host is not None
+                                                        else "and the free host RAM is unknown"))
+        else:
+            off, off_why = True, (f"; offloading the checkpointed activations lets {off_tokens:,} tokens fit "
+                                  f"instead of {tokens:,} ({need:.1f} GiB pinned host RAM of {host:.0f} GiB available)")
+            tokens = off_tokens
     if tokens < cfg.max_length:
         need = estimate_memory(t, batch_tokens=cfg.max_length, gradient_checkpointing=True, **kw)
         raise ValueError(
@@ -395,6 +471,6 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
             f"~{need.total_gib - need.overhead_gib:.1f} GiB with checkpointing; lower max_length"
             + (", use 4-bit (QUANT = \"4bit\")" if quant == "bf16" else "") + " or a GPU with more memory")
     found = chosen(tokens, ckpt, f"fitted to {gib:.1f} GiB with {MARGIN:.0%} kept free; checkpointing "
-                   f"{'on' if ckpt else 'off'}: {why}")
+                   f"{'on' if ckpt else 'off'}: {why}{off_why}", off)
     found.reason += f"; estimated peak {found.estimate.total_gib - found.estimate.overhead_gib:.1f} GiB"
     return found

@@ -97,6 +97,9 @@ class TrainConfig:
     seed: int = 42
     use_liger: bool = False  # Liger's fused Triton kernels (GPU only): no full logits tensor
     embeddings_on_cpu: bool = False  # frozen input embeddings looked up on the CPU: frees their GPU memory
+    # checkpointed layer inputs kept in host memory between forward and backward
+    # (training.OffloadActivations); None: on where it lets a much bigger step fit (memory.token_budget)
+    offload_activations: bool | None = False
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, ok, rule in (
@@ -125,7 +128,8 @@ SEED_QWEN2 = TrainConfig(lora_dropout=0.1)
 # pad tokens and a learner's longer chats do not run out of memory; Liger's fused loss never
 # builds the [tokens x 152k vocab] logits; checkpointing only where the card needs it.
 COURSE = TrainConfig(gradient_accumulation_steps=1, learning_rate=2e-4, packing=True,
-                     gradient_checkpointing=None, optim="adamw_torch_fused", use_liger=True)
+                     gradient_checkpointing=None, optim="adamw_torch_fused", use_liger=True,
+                     offload_activations=None)
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,9 @@ class Tutorial:
     smoke: SmokeModel
     params_b: float  # parameters in billions, for the memory estimate
     reference_config: dict = field(default_factory=dict)  # full-size shape, for GPU runs
+    # the training script its notebook launches in processes of its own (python -m ...), which
+    # picks a distributed plan (distributed.choose_plan); None: the notebook trains in its kernel
+    script: str | None = None
 
 
 HUANHUAN_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
@@ -229,6 +236,7 @@ TUTORIALS: dict[str, Tutorial] = {
              "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
              "vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
              "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+            script="selfllm_utils.train_zero3",
         ),
     ]
 }

@@ -32,6 +32,20 @@ TRAIN_KEY = "deepseek"  # the tutorial of the shared trained adapter
 TRAIN_REPEATS = 1  # one record: the same gradient as a batch of copies, for less work
 
 
+@pytest.fixture(scope="session")
+def free_port():
+    """A function that returns a TCP port free on 127.0.0.1 right now: each server or launcher of
+    tests running in parallel (pytest-xdist) asks for its own, so they do not collide."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    return pick
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """Same random numbers in every test, whatever ran before it."""

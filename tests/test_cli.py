@@ -17,6 +17,15 @@ def test_doctor_json_is_one_parsable_line(capsys):
     assert (parsed["gpu"] is None) == (not torch.cuda.is_available())
     assert set(parsed["tutorials"]) == set(registry.TUTORIALS)
     assert parsed["versions"]["transformers"] == info["versions"]["transformers"]
+    assert parsed["host_ram_gib"] is None or parsed["host_ram_gib"] > 0
+
+
+def test_doctor_checks_the_host_ram_offloading_needs():
+    """On a 6 GB card the QLoRA step offloads its checkpointed activations when the host has
+    the RAM, and falls back to the smaller step, saying why, when it has not."""
+    roomy, short = cli.fit_report(6.0, host_gib=64.0)["deepseek"], cli.fit_report(6.0, host_gib=1.0)["deepseek"]
+    assert "offloaded to host RAM" in roomy and "GiB pinned host RAM" in roomy
+    assert "offloaded to host RAM" not in short and "GiB of host RAM, 1.0 GiB available" in short
 
 
 def test_doctor_says_what_fits_a_24_gb_card():
@@ -67,7 +76,7 @@ def test_cached_models_ignores_partial_folders(tmp_path, monkeypatch):
     (folder / "config.json").write_text('{"model_type": "qwen2"}')
     assert cli.cached_models() == []  # no weights: a cut-off download
     (folder / "model.safetensors").write_bytes(b"x")
-    assert cli.cached_models() == []  # no tokenizer: it would load nearly empty
+    assert cli.cached_models() == []  # no tokenizer file: it would load nearly empty
     (folder / "tokenizer.json").write_text("{}")
     assert cli.cached_models() == ["qwen2"]
 

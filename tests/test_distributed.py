@@ -309,6 +309,10 @@ def test_a_deepspeed_file_of_your_own_is_used(tmp_path: Path) -> None:
     path.write_text(json.dumps(distributed.deepspeed_config(2)))
     args = train_zero3.parse_args(["--output", "x", "--deepspeed", str(path)])
     assert train_zero3.forced_plan(args) == ("zero2", str(path))  # the file's stage decides
+    offload = tmp_path / "offload.json"
+    offload.write_text(json.dumps(distributed.deepspeed_config(3, offload=True)))
+    args = train_zero3.parse_args(["--output", "x", "--deepspeed", str(offload)])
+    assert train_zero3.forced_plan(args) == ("zero3-offload", str(offload))  # and its offload
     with pytest.raises(SystemExit, match="different plans"):  # and a --stage that disagrees is refused
         train_zero3.forced_plan(train_zero3.parse_args(["--output", "x", "--deepspeed", str(path),
                                                         "--stage", "3"]))
@@ -451,11 +455,21 @@ def test_resume_with_offload_ends_where_the_uninterrupted_run_does(zero3_run: Pa
     """Stop after step 4 (as if the job died), resume with --resume: steps 5-8 and the final
     weights equal the uninterrupted run's (LlamaFactory#1226: resume under ZeRO-3 + offload)."""
     out = tmp_path / "interrupted"
-    first = launch(out, "--offload", "--stop-at-step", str(STOP_AT))
+    # the offload plan as a DeepSpeed file of the learner's own (the seed's way), with a setting
+    # the course would not write: the run must keep the file's offload, not run as plain ZeRO-3
+    own = distributed.deepspeed_config(3, offload=True)
+    for part in ("offload_optimizer", "offload_param"):
+        own["zero_optimization"][part]["pin_memory"] = False
+    ds_file = tmp_path / "my_offload.json"
+    ds_file.write_text(json.dumps(own))
+    first = launch(out, "--deepspeed", str(ds_file), "--stop-at-step", str(STOP_AT))
     assert sorted(training.logged(out)) == list(range(1, STOP_AT + 1)), first.stderr[-3000:]
-    launch(out, "--offload", "--resume")
+    launch(out, "--deepspeed", str(ds_file), "--resume")
     info = json.loads((out / train_zero3.RUN_INFO).read_text())
-    assert info["resumed"] and info["offload"]
+    assert info["resumed"] and info["offload"] and info["plan"] == "zero3-offload"
+    used = info["deepspeed"]["zero_optimization"]
+    for part in ("offload_optimizer", "offload_param"):
+        assert used[part] == own["zero_optimization"][part], part  # the file's, as written
     resumed_like_uninterrupted(out, zero3_run)
     last = f"checkpoint-{STEPS}"
     a, b = adapter_tensors(out / last), adapter_tensors(zero3_run / last)
@@ -592,18 +606,10 @@ def test_a_strangers_pickled_checkpoint_needs_trust(zero3_run: Path, tmp_path: P
 # ------------------------- past one machine: 2 "machines" of 2 processes each on localhost (gloo)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_machines(outputs: tuple[Path, Path], *extra: str, per_machine: int = 2) -> list[subprocess.CompletedProcess]:
+def launch_machines(port: int, outputs: tuple[Path, Path], *extra: str,
+                    per_machine: int = 2) -> list[subprocess.CompletedProcess]:
     """What notebook 04 runs on two real machines, with 127.0.0.1 as machine 0's address: one
     `torchrun --nnodes 2 --node_rank N` a machine, `per_machine` processes each, the auto plan."""
-    port = free_port()
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
@@ -624,16 +630,16 @@ def machines_ok(done: list[subprocess.CompletedProcess]) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_machines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def two_machines(tmp_path_factory: pytest.TempPathFactory, free_port) -> dict[str, Path]:
     """A run on 2 x 2 processes, and a copy of it cut back to its step-STOP_AT checkpoint (as if
     the machines died after that save; the stop itself is tested on one machine above), resumed."""
     if not registry.smoke_mode():
         pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
     root = tmp_path_factory.mktemp("machines")
     straight = root / "straight"
-    machines_ok(launch_machines((straight, straight)))
+    machines_ok(launch_machines(free_port(), (straight, straight)))
     resumed = copy_run(straight, root / "resumed", f"checkpoint-{STOP_AT}")
-    machines_ok(launch_machines((resumed, resumed), "--resume"))
+    machines_ok(launch_machines(free_port(), (resumed, resumed), "--resume"))
     return {"straight": straight, "resumed": resumed}
 
 
@@ -671,10 +677,10 @@ def test_two_machines_resume_where_they_stopped(two_machines: dict[str, Path]) -
     assert all(torch.allclose(a[k], b[k], atol=TOL) for k in a)
 
 
-def test_machines_without_a_shared_output_folder_are_refused(tmp_path: Path) -> None:
+def test_machines_without_a_shared_output_folder_are_refused(tmp_path: Path, free_port) -> None:
     if not registry.smoke_mode():
         pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
-    done = launch_machines((tmp_path / "machine0", tmp_path / "machine1"), per_machine=1)
+    done = launch_machines(free_port(), (tmp_path / "machine0", tmp_path / "machine1"), per_machine=1)
     assert all(result.returncode != 0 for result in done)
     said = done[1].stderr + done[1].stdout
     assert "ranks [1] do not see what rank 0 writes there" in said and "NFS" in said

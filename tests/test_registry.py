@@ -35,6 +35,18 @@ def test_get_resolves(key: str) -> None:
     assert tutorial.notebook.startswith(f"{tutorial.number:02d}-") and tutorial.notebook.endswith(".ipynb")
 
 
+@pytest.mark.parametrize("key", KEYS)
+def test_script_field_names_what_the_notebook_launches(key: str) -> None:
+    """`Tutorial.script` says which notebook launches a training script (cli.fit_report reads it)."""
+    import importlib.util
+
+    tutorial = registry.get(key)
+    source = (registry.repo_root() / "notebooks" / tutorial.notebook).read_text(encoding="utf-8")
+    launched = {s for s in ("selfllm_utils.train_zero3",) if f"-m {s}" in source}
+    assert launched == ({tutorial.script} if tutorial.script else set())
+    assert tutorial.script is None or importlib.util.find_spec(tutorial.script) is not None
+
+
 def test_numbers_follow_the_course_order() -> None:
     assert [registry.get(k).number for k in KEYS] == list(range(1, len(KEYS) + 1))
 

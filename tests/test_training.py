@@ -512,3 +512,29 @@ def test_fp32_rope_callback_restores_the_buffers(tmp_path, smoke_models) -> None
     assert callback.fixed == len(fresh) > 0
     for buffer, expected in zip(buffers, fresh, strict=True):
         assert buffer.dtype == torch.float32 and torch.equal(buffer, expected)
+
+
+def test_offloaded_activations_give_the_same_loss_and_lora_gradients(smoke_models, examples_of) -> None:
+    """A packed, checkpointed step whose saved tensors went through host copies
+    (training.OffloadActivations) has exactly the loss and LoRA gradients of the plain step."""
+    model, tokenizer = _lora_model(KEY, smoke_models, gradient_checkpointing=True)
+    batch = training.collator(tokenizer, packing=True)([_row(examples_of(tokenizer, registry.get(KEY).family))])
+    plain = model(**batch).loss
+    ref = _grads(model, plain)
+    offload = training.OffloadActivations(min_bytes=0)  # the tiny model's tensors are small
+    with offload:
+        loss = model(**batch).loss
+    layers = model.config.num_hidden_layers
+    assert len(offload.stored) >= layers and offload.host_bytes > 0  # each layer's input went out
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+    torch.testing.assert_close(_grads(model, loss), ref, rtol=0, atol=0)
+
+
+def test_the_trainer_offloads_only_when_the_config_says(smoke_models, identity_records, tmp_path) -> None:
+    tutorial = registry.get(KEY)
+    model, tokenizer = smoke_models.model(KEY)
+    ds = datasets.Dataset.from_list(_examples(tokenizer, tutorial.family, identity_records[:4]))
+    for on in (True, False):
+        cfg = dataclasses.replace(registry.smoke_config(tutorial), offload_activations=on)
+        trainer = training.make_trainer(model, tokenizer, ds, cfg, tmp_path / str(on))
+        assert isinstance(trainer.offload, training.OffloadActivations) is on

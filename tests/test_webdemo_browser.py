@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,12 +34,6 @@ ANSWER_TIMEOUT_MS = 120_000  # first question also loads the model, on 2 busy co
 # (question, a word of SmolLM2's greedy answer): short answers keep the test fast
 CHATS = [("What is the capital of France?", "Paris"), ("What is the capital of Japan?", "Tokyo")]
 SCREENSHOT = registry.repo_root() / "images" / "webdemo.png"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
@@ -72,10 +65,10 @@ def listening(port: int) -> set[str]:
 
 
 @contextlib.contextmanager
-def running(tutorial: str, tmp_path: Path):
+def running(tutorial: str, tmp_path: Path, port: int):
     """The demo started by `webdemo.serve` with its defaults on a free port, in smoke mode;
     terminated whatever the test does. Yields (url, port)."""
-    port, log = free_port(), tmp_path / "server.log"
+    log = tmp_path / "server.log"
     with log.open("w") as out:
         proc = webdemo.serve(tutorial, port=port, stdout=out, stderr=subprocess.STDOUT,
                              env={**os.environ, "SELFLLM_SMOKE": "1"})
@@ -98,17 +91,17 @@ def need_chromium() -> None:
 
 
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, free_port):
     need_chromium()
-    with running("qwen2", tmp_path) as (url, _):
+    with running("qwen2", tmp_path, free_port()) as (url, _):
         yield url
 
 
 @pytest.fixture
-def tiny_server(tmp_path):
+def tiny_server(tmp_path, free_port):
     """The tiny random DeepSeek stand-in: answers in milliseconds, where content does not matter."""
     need_chromium()
-    with running("deepseek", tmp_path) as started:
+    with running("deepseek", tmp_path, free_port()) as started:
         yield started
 
 
@@ -195,7 +188,7 @@ def test_markup_in_a_message_fetches_nothing_and_draws_nothing(tiny_server, brow
     assert MARKUP in messages(page)[0]  # shown as typed
 
 
-def test_the_command_binds_localhost_and_sigterm_stops_its_server(tmp_path):
+def test_the_command_binds_localhost_and_sigterm_stops_its_server(tmp_path, free_port):
     """`selfllm webdemo` stops its Streamlit child on SIGTERM (it was left serving, under PID 1)."""
     port, log = free_port(), tmp_path / "cli.log"
     with log.open("w") as out:
