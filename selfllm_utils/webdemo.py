@@ -16,7 +16,7 @@ password page when SELFLLM_WEBDEMO_PASSWORD is set. Visitors see no absolute pat
 tracebacks (the terminal does), and every message is shown as plain text: a Markdown image, HTML
 or LaTeX in a question or an answer is neither fetched nor drawn. One visitor cannot tie up the
 server: a message longer than `--max-message-chars` is refused before any tokenizer sees it, wrong
-passwords lock the password page for a while (for the whole server, not one tab), and Streamlit's
+passwords lock the password page for a minute (per address, not per tab), and Streamlit's
 `/_stcore/metrics` answers 404 (the `st.App` below, which `streamlit run` serves this file through).
 While a question is answered the chat input and the settings are disabled: Streamlit keeps only
 the newest of several messages sent during one run, so a second question could vanish unseen.
@@ -63,7 +63,8 @@ FIRST_TOKEN_TIMEOUT_CPU = 600.0  # s: a long prompt's prefill on a CPU (the 7B) 
 MAX_NEW_TOKENS_CAP = 2048  # upper end of the sidebar slider
 MIN_CONTEXT = 64  # tokens: below this a chat template alone leaves no room for a question
 MAX_MESSAGE_CHARS = 8000  # default cap of a question or system prompt (a 2 MB one cost a minute of CPU)
-PASSWORD_TRIES, PASSWORD_WINDOW = 5, 60.0  # wrong passwords a server takes in that many seconds
+PASSWORD_TRIES, PASSWORD_TOTAL, PASSWORD_WINDOW = 5, 30, 60.0  # wrong passwords (one address,
+# all) a server takes in that many seconds
 NO_ADAPTER = "no adapter: base model"
 
 
@@ -479,31 +480,42 @@ def respond(served: Served, history: list[dict[str, str]], question: str, option
 
 
 class Lockout:
-    """Wrong passwords counted for the whole server: past `tries` in `window` seconds, every
-    password (the right one too) is refused until the oldest failure is `window` seconds old.
+    """Wrong passwords counted by the server: past `tries` from one address, or `total` from all,
+    in `window` seconds, every password from there (the right one too) is refused until the
+    oldest of those failures is `window` seconds old.
 
-    Per server, not per session: a new browser tab is a new session, so a per-session count
-    would let a script guess on forever (300 wrong guesses, then the right one, got in). The price:
-    someone guessing also keeps the right password out until the window has passed.
+    Not per session: a new browser tab is a new session, so a per-session count let a script
+    guess on forever (300 wrong guesses, then the right one, got in). Per address, so one
+    learner's typos do not lock a room out; the total bounds guessing from many addresses, or
+    through a proxy that makes every visitor one address (its price: during such guessing the
+    right password waits too).
     """
 
     def __init__(self, tries: int = PASSWORD_TRIES, window: float = PASSWORD_WINDOW,
-                 clock=time.monotonic) -> None:
-        self.tries, self.window, self.clock = tries, window, clock
-        self.failures: collections.deque[float] = collections.deque()
+                 total: int = PASSWORD_TOTAL, clock=time.monotonic) -> None:
+        self.tries, self.window, self.total, self.clock = tries, window, total, clock
+        self.failures: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self.all: collections.deque[float] = collections.deque()
         self.lock = threading.Lock()
 
-    def wait(self) -> float:
-        """Seconds until a password may be tried again; 0: now."""
+    def _wait(self, failures: collections.deque[float], limit: int, now: float) -> float:
+        while failures and now - failures[0] >= self.window:
+            failures.popleft()
+        return 0.0 if len(failures) < limit else self.window - (now - failures[-limit])
+
+    def wait(self, address: str = "") -> float:
+        """Seconds until a password from `address` may be tried again; 0: now."""
         with self.lock:
             now = self.clock()
-            while self.failures and now - self.failures[0] >= self.window:
-                self.failures.popleft()
-            return 0.0 if len(self.failures) < self.tries else self.window - (now - self.failures[0])
+            mine = self._wait(self.failures[address], self.tries, now)
+            if not self.failures[address]:
+                del self.failures[address]  # addresses seen once are not kept forever
+            return max(mine, self._wait(self.all, self.total, now))
 
-    def failed(self) -> None:
+    def failed(self, address: str = "") -> None:
         with self.lock:
-            self.failures.append(self.clock())
+            self.failures[address].append(self.clock())
+            self.all.append(self.clock())
 
 
 PASSWORDS = Lockout()  # module state: one per server process, shared by every session
@@ -517,14 +529,16 @@ def _check_password() -> None:
     state["password_error"] = None
     if not typed:
         return
-    wait = PASSWORDS.wait()
+    address = st.context.ip_address  # None: this machine (or a proxy on it)
+    address = address if isinstance(address, str) else ""  # (AppTest hands out a mock)
+    wait = PASSWORDS.wait(address)
     if wait > 0:
         state["password_error"] = (f"Too many wrong passwords on this server: try again in "
                                    f"{math.ceil(wait)} s.")
     elif hmac.compare_digest(typed.encode(), secret.encode()):
         state["signed_in"] = True
     else:
-        PASSWORDS.failed()
+        PASSWORDS.failed(address)
         state["password_error"] = "Wrong password."
 
 

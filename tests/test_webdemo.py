@@ -409,7 +409,8 @@ def lockout(monkeypatch) -> list[float]:
 
 
 def test_wrong_passwords_lock_the_page_for_every_session(app, monkeypatch, lockout):
-    """300 wrong passwords, then the right one, got in: guesses are now limited per server."""
+    """300 wrong passwords, then the right one, got in: guesses are now limited per address, not
+    per session (a new tab does not reset them), and in all."""
     monkeypatch.setenv(webdemo.PASSWORD_ENV, "s3cret")
     at = app(f"--tutorial {TINY}", max_new_tokens=None)
     for guess in range(webdemo.PASSWORD_TRIES):
@@ -420,7 +421,21 @@ def test_wrong_passwords_lock_the_page_for_every_session(app, monkeypatch, locko
     other = app(f"--tutorial {TINY}", max_new_tokens=None)  # a new tab: a new session, same server
     other.text_input[0].input("s3cret").run()
     assert not other.chat_input and "try again in 60 s" in other.error[0].value
+    assert webdemo.PASSWORDS.wait("10.0.0.7") == 0  # another learner's address: not locked
     lockout[0] += webdemo.PASSWORD_WINDOW
     other.text_input[0].input("").run()  # typed again: a field checks a password when it changes
     other.text_input[0].input("s3cret").run()
     assert other.chat_input and not other.error
+
+
+def test_wrong_passwords_from_many_addresses_are_limited_in_all():
+    now = [0.0]
+    lockout = webdemo.Lockout(tries=5, total=30, window=60, clock=lambda: now[0])
+    for n in range(30):
+        assert lockout.wait(f"10.0.0.{n}") == 0
+        lockout.failed(f"10.0.0.{n}")
+    now[0] = 10.0
+    assert lockout.wait("10.0.0.99") == 50  # a new address waits too: guessing is bounded in all
+    now[0] = 60.0
+    assert lockout.wait("10.0.0.99") == 0
+    assert all(lockout.wait(f"10.0.0.{n}") == 0 for n in range(30)) and not lockout.failures
