@@ -18,8 +18,8 @@ or LaTeX in a question or an answer is neither fetched nor drawn. One visitor ca
 server: a message longer than `--max-message-chars` is refused before any tokenizer sees it, wrong
 passwords lock the password page for a minute (per address, not per tab), and Streamlit's
 `/_stcore/metrics` answers 404 (the `st.App` below, which `streamlit run` serves this file through).
-While a question is answered the chat input and the settings are disabled: Streamlit keeps only
-the newest of several messages sent during one run, so a second question could vanish unseen.
+While a question is answered the chat input is disabled: Streamlit keeps only the newest of
+several messages sent during one run, so a second question could vanish unseen.
 
 Streamlit runs this file as a script (`__main__`), so it imports the package absolutely and
 calls `page()` of the imported module: tests patch that module's `generate` to watch the model.
@@ -385,7 +385,8 @@ class Options:
 
 
 def _clear_history() -> None:
-    st.session_state["messages"], st.session_state["notices"] = [], []
+    for key in ("messages", "waiting", "notices"):  # mid-answer too: nothing is answered after it
+        st.session_state[key] = []
 
 
 def sidebar(served: Served, limit: int) -> Options:
@@ -533,8 +534,7 @@ def _check_password() -> None:
     address = address if isinstance(address, str) else ""  # (AppTest hands out a mock)
     wait = PASSWORDS.wait(address)
     if wait > 0:
-        state["password_error"] = (f"Too many wrong passwords on this server: try again in "
-                                   f"{math.ceil(wait)} s.")
+        state["password_error"] = f"Too many wrong passwords: try again in {math.ceil(wait)} s."
     elif hmac.compare_digest(typed.encode(), secret.encode()):
         state["signed_in"] = True
     else:
