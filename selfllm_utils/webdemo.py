@@ -156,7 +156,8 @@ def command(tutorial: str = "qwen2", adapter: str | Path | None = None, port: in
     (nothing to reload on a course machine), no "Deploy" button, no error details for visitors,
     and bound to `address`: 127.0.0.1 keeps the demo private to the machine; another address
     (0.0.0.0, where a platform forwards a port, AutoDL's custom service say) needs `public`.
-    `app_args` go to the app (`--max-context`, `--timeout`, `--first-token-timeout`).
+    `app_args` go to the app (`--max-context`, `--timeout`, `--first-token-timeout`,
+    `--max-message-chars`).
     """
     registry.get(tutorial)  # an unknown tutorial fails here, not in the browser
     check_address(address, public)
@@ -606,7 +607,7 @@ def page(args: argparse.Namespace | None = None) -> None:
     question = waiting[0].strip() if waiting else None  # it leaves `waiting` when answered
     options = sidebar(served, served.context_limit(args.max_context))
     busy = question is not None
-    st.chat_input("Answering: wait for this answer (Stop ends it)" if busy else "Ask something",
+    st.chat_input("Answering: wait for this answer" if busy else "Ask something",
                   key="question", on_submit=_queue, disabled=busy)
     for message in history:
         show(message["role"], message["content"])
