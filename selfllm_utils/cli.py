@@ -3,7 +3,7 @@
     selfllm doctor [--json]          versions, GPU, smoke or real mode, which tutorials fit and why
     selfllm download <tutorial>|--all   real weights from ModelScope into the course cache
     selfllm webdemo [--tutorial qwen2] [--adapter PATH] [--port N] [--max-context N] [--timeout S]
-                    [--public [--address A] [--password]]   127.0.0.1 unless --public
+                    [--max-message-chars N] [--public [--address A] [--password]]   127.0.0.1 unless --public
     selfllm eval --tutorial T [--adapter PATH] [--json]   the held-out evaluation of a trained adapter
 """
 
@@ -147,12 +147,18 @@ def serve_demo(args: argparse.Namespace) -> int:
     from . import webdemo
 
     app_args = [f"--{name.replace('_', '-')}={value}" for name in
-                ("max_context", "timeout", "first_token_timeout")
+                ("max_context", "timeout", "first_token_timeout", "max_message_chars")
                 if (value := getattr(args, name)) is not None]
-    address = "0.0.0.0" if args.public and args.address == webdemo.LOCAL else args.address
+    # an explicit --address is kept, 127.0.0.1 too; --public alone means every interface
+    address = args.address or ("0.0.0.0" if args.public else webdemo.LOCAL)
     try:
+        webdemo.parse_args(app_args)  # a wrong number fails here, before the password is asked
         if args.password:
-            os.environ[webdemo.PASSWORD_ENV] = getpass.getpass("password for the demo's visitors: ")
+            password = getpass.getpass("password for the demo's visitors: ")
+            if not password:
+                raise ValueError("--password: the password is empty, so anyone could get in; "
+                                 "type one, or leave out --password")
+            os.environ[webdemo.PASSWORD_ENV] = password
         adapter = webdemo.find_adapter(args.adapter) if args.adapter else None
         return webdemo.run(args.tutorial, adapter, args.port, address, args.public, app_args)
     except (OSError, ValueError) as err:
@@ -191,13 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--public", action="store_true", help="let other machines in (0.0.0.0 unless "
                    "--address): prints a warning; use --password or an SSH tunnel instead")
-    p.add_argument("--address", default="127.0.0.1", help="with --public: the address to bind")
+    p.add_argument("--address", help="the address to bind (default 127.0.0.1; with --public 0.0.0.0)")
     p.add_argument("--password", action="store_true", help="ask for a password that visitors "
                    "must type (or set SELFLLM_WEBDEMO_PASSWORD)")
     p.add_argument("--max-context", type=int, help="token budget of prompt + answer")
     p.add_argument("--timeout", type=float, help="seconds without a new token (default 60)")
     p.add_argument("--first-token-timeout", type=float,
                    help="seconds to wait for the first token (default: 600 on a CPU)")
+    p.add_argument("--max-message-chars", type=int,
+                   help="longest question or system prompt a visitor may send (default 8000)")
     p = sub.add_parser("eval", help="held-out evaluation of a trained adapter")
     p.add_argument("--tutorial", required=True, choices=list(registry.TUTORIALS))
     p.add_argument("--adapter", help="a LoRA adapter folder saved by the course (default: the base)")

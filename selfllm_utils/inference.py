@@ -14,6 +14,8 @@ from pathlib import Path
 from . import formatting, models
 from .registry import ChatFamily, Tutorial
 
+FALLBACK_CONTEXT = 4096  # tokens, for a model whose config names no maximum length
+
 
 @dataclass
 class Reply:
@@ -30,14 +32,22 @@ def _messages(question: str | list[dict[str, str]], system: str | None) -> list[
     return ([{"role": "system", "content": system}] if system else []) + list(question)
 
 
+def context_limit(model, max_context: int | None = None) -> int:
+    """Tokens of prompt + answer the model takes: its `max_position_embeddings` (FALLBACK_CONTEXT
+    when the config names none), lowered by `max_context`. The one lookup: `chat` refuses past
+    it, the web demo cuts the history to it, so both agree on where the context ends."""
+    limit = getattr(model.config, "max_position_embeddings", None) or FALLBACK_CONTEXT
+    return min(limit, max_context) if max_context else limit
+
+
 def _inputs(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int):
     """The prompt's tensors; past the model's context it is an error, not a garbled answer."""
     formatting.check_messages(messages)
     text = formatting.render(tokenizer, messages, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = context_limit(model)
     length = inputs["input_ids"].shape[1]
-    if limit and length + max_new_tokens > limit:
+    if length + max_new_tokens > limit:
         raise ValueError(f"the prompt is {length} tokens and max_new_tokens={max_new_tokens}: "
                          f"past the model's context of {limit} tokens (max_position_embeddings); "
                          "shorten the prompt or the history, or lower max_new_tokens")

@@ -14,7 +14,12 @@ usage statistics: reach it through an SSH tunnel (`ssh -L 8501:127.0.0.1:8501 us
 Serving other machines is `public=True` (`selfllm webdemo --public`): a printed warning, and a
 password page when SELFLLM_WEBDEMO_PASSWORD is set. Visitors see no absolute paths and no
 tracebacks (the terminal does), and every message is shown as plain text: a Markdown image, HTML
-or LaTeX in a question or an answer is neither fetched nor drawn.
+or LaTeX in a question or an answer is neither fetched nor drawn. One visitor cannot tie up the
+server: a message longer than `--max-message-chars` is refused before any tokenizer sees it, wrong
+passwords lock the password page for a minute (per address, not per tab), and Streamlit's
+`/_stcore/metrics` answers 404 (the `st.App` below, which `streamlit run` serves this file through).
+While a question is answered the chat input is disabled: Streamlit keeps only the newest of
+several messages sent during one run, so a second question could vanish unseen.
 
 Streamlit runs this file as a script (`__main__`), so it imports the package absolutely and
 calls `page()` of the imported module: tests patch that module's `generate` to watch the model.
@@ -23,8 +28,10 @@ calls `page()` of the imported module: tests patch that module's `generate` to w
 from __future__ import annotations
 
 import argparse
+import collections
 import hmac
 import json
+import math
 import os
 import queue
 import re
@@ -34,6 +41,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import RerunException
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
 
 from selfllm_utils import formatting, inference, models, registry
 from selfllm_utils.registry import Tutorial
@@ -49,8 +60,11 @@ ARGS_ENV = "SELFLLM_WEBDEMO_ARGS"  # app arguments for runs without a command li
 PASSWORD_ENV = "SELFLLM_WEBDEMO_PASSWORD"  # a password page when set (never on a command line)
 LOCAL = "127.0.0.1"
 FIRST_TOKEN_TIMEOUT_CPU = 600.0  # s: a long prompt's prefill on a CPU (the 7B) takes minutes
-FALLBACK_CONTEXT = 4096  # tokens, for a model whose config names no maximum length
 MAX_NEW_TOKENS_CAP = 2048  # upper end of the sidebar slider
+MIN_CONTEXT = 64  # tokens: below this a chat template alone leaves no room for a question
+MAX_MESSAGE_CHARS = 8000  # default cap of a question or system prompt (a 2 MB one cost a minute of CPU)
+PASSWORD_TRIES, PASSWORD_TOTAL, PASSWORD_WINDOW = 5, 30, 60.0  # wrong passwords (one address,
+# all) a server takes in that many seconds
 NO_ADAPTER = "no adapter: base model"
 
 
@@ -72,10 +86,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--first-token-timeout", type=float, default=None,
                         help="seconds to wait for the first token (reading the prompt); default: "
                         f"--timeout on a GPU, {FIRST_TOKEN_TIMEOUT_CPU:g} on a CPU")
+    parser.add_argument("--max-message-chars", type=int, default=MAX_MESSAGE_CHARS,
+                        help="longest question or system prompt a visitor may send")
     if argv is None:
         env = os.environ.get(ARGS_ENV)
         argv = shlex.split(env) if env is not None else sys.argv[1:]
-    return parser.parse_args(list(argv))
+    return check_args(parser.parse_args(list(argv)))
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The app's numbers, refused at the start in one line: a negative `--max-context` or
+    `--timeout` was accepted before, and then every answer failed."""
+    floors = {"max_context": MIN_CONTEXT, "max_message_chars": 1}
+    for name in ("max_context", "timeout", "first_token_timeout", "max_message_chars"):
+        value, floor = getattr(args, name), floors.get(name, 0)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value <= 0 or value < floor:
+            least = f"at least {floor}" if floor > 1 else "a number above 0"
+            raise ValueError(f"--{name.replace('_', '-')} {value:g}: must be {least}"
+                             + (" tokens (prompt + answer)" if name == "max_context" else ""))
+    return args
 
 
 check_adapter = inference.check_adapter  # the folder, or one clear error before a model loads
@@ -125,7 +156,8 @@ def command(tutorial: str = "qwen2", adapter: str | Path | None = None, port: in
     (nothing to reload on a course machine), no "Deploy" button, no error details for visitors,
     and bound to `address`: 127.0.0.1 keeps the demo private to the machine; another address
     (0.0.0.0, where a platform forwards a port, AutoDL's custom service say) needs `public`.
-    `app_args` go to the app (`--max-context`, `--timeout`, `--first-token-timeout`).
+    `app_args` go to the app (`--max-context`, `--timeout`, `--first-token-timeout`,
+    `--max-message-chars`).
     """
     registry.get(tutorial)  # an unknown tutorial fails here, not in the browser
     check_address(address, public)
@@ -205,9 +237,9 @@ class Served:
                                        else Path("...", *path.parts[-2:]))
 
     def context_limit(self, max_context: int | None = None) -> int:
-        """Tokens of prompt + answer: the model's maximum, lowered by `--max-context`."""
-        limit = getattr(self.model.config, "max_position_embeddings", None) or FALLBACK_CONTEXT
-        return min(limit, max_context) if max_context else limit
+        """Tokens of prompt + answer: the model's maximum (`inference.context_limit`, the limit
+        `inference.chat` enforces), lowered by `--max-context`."""
+        return inference.context_limit(self.model, max_context)
 
 
 ABSOLUTE_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\\/\s:'\"`,;()]+)+[\\/]?")
@@ -354,7 +386,8 @@ class Options:
 
 
 def _clear_history() -> None:
-    st.session_state["messages"], st.session_state["waiting"] = [], []
+    for key in ("messages", "waiting", "notices"):  # mid-answer too: nothing is answered after it
+        st.session_state[key] = []
 
 
 def sidebar(served: Served, limit: int) -> Options:
@@ -398,14 +431,30 @@ def stream(pieces: Iterator[str]) -> str:
     return answer
 
 
+Notice = tuple[str, str]  # ("warning" or "error", text): shown under the chat until the next question
+
+
+def too_long(text: str, what: str, cap: int) -> str | None:
+    """Why `text` is refused (None: it is not): checked before any tokenizer sees it."""
+    if len(text) <= cap:
+        return None
+    return (f"{what} has {len(text):,} characters; this demo takes at most {cap:,} "
+            "(--max-message-chars). Nothing was sent to the model: shorten it.")
+
+
 def respond(served: Served, history: list[dict[str, str]], question: str, options: Options,
-            args: argparse.Namespace) -> None:
-    """Stream one answer; the turn enters the history only once it is answered.
+            args: argparse.Namespace) -> list[Notice]:
+    """Stream one answer; the turn enters the history only once it is answered. Returns what
+    the page must go on showing (a cut history, an error) after it redraws.
 
     Errors (including a stalled generation, `queue.Empty` after `--timeout` seconds) become a
     message on the page and the server keeps serving: one bad request must not end a demo.
     """
     show("user", question)
+    notices: list[Notice] = []
+    refused = too_long(options.system, "The system prompt", args.max_message_chars)
+    if refused:
+        return [("error", refused)]
     system = [{"role": "system", "content": options.system}] if options.system else []
     with st.chat_message("assistant"):
         try:
@@ -414,40 +463,115 @@ def respond(served: Served, history: list[dict[str, str]], question: str, option
                 served.context_limit(args.max_context))
             if note:
                 st.warning(note)
+                notices.append(("warning", note))
             answer = stream(generate(served, messages, options.max_new_tokens, options.temperature,
                                      options.top_p, args.timeout, first_token_timeout(args)))
         except queue.Empty:
-            st.error(f"No new token in time (--timeout {args.timeout:g} s, first token "
-                     f"{first_token_timeout(args):g} s): the generation was stopped (timeout). "
-                     "The question was not kept; try again.")
-            return
+            return notices + [("error", f"No new token in time (--timeout {args.timeout:g} s, first "
+                               f"token {first_token_timeout(args):g} s): the generation was stopped "
+                               "(timeout). The question was not kept; try again.")]
         except Exception as err:  # the page must survive any model error
-            st.error(f"Generation failed: {report(err)}. "
-                     "The question was not kept; the demo keeps serving.")
-            return
+            return notices + [("error", f"Generation failed: {report(err)}. "
+                               "The question was not kept; the demo keeps serving.")]
         if not answer.strip():
             answer = "(empty answer: the model ended its turn at once)"
             st.text(answer)
     history.extend([{"role": "user", "content": question},
                     {"role": "assistant", "content": answer}])
+    return notices
+
+
+class Lockout:
+    """Wrong passwords counted by the server: past `tries` from one address, or `total` from all,
+    in `window` seconds, every password from there (the right one too) is refused until the
+    oldest of those failures is `window` seconds old.
+
+    Not per session: a new browser tab is a new session, so a per-session count let a script
+    guess on forever (300 wrong guesses, then the right one, got in). Per address, so one
+    learner's typos do not lock a room out; the total bounds guessing from many addresses, or
+    through a proxy that makes every visitor one address (its price: during such guessing the
+    right password waits too).
+    """
+
+    def __init__(self, tries: int = PASSWORD_TRIES, window: float = PASSWORD_WINDOW,
+                 total: int = PASSWORD_TOTAL, clock=time.monotonic) -> None:
+        self.tries, self.window, self.total, self.clock = tries, window, total, clock
+        self.failures: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self.all: collections.deque[float] = collections.deque()
+        self.lock = threading.Lock()
+
+    def _wait(self, failures: collections.deque[float], limit: int, now: float) -> float:
+        while failures and now - failures[0] >= self.window:
+            failures.popleft()
+        return 0.0 if len(failures) < limit else self.window - (now - failures[-limit])
+
+    def wait(self, address: str = "") -> float:
+        """Seconds until a password from `address` may be tried again; 0: now."""
+        with self.lock:
+            now = self.clock()
+            mine = self._wait(self.failures[address], self.tries, now)
+            if not self.failures[address]:
+                del self.failures[address]  # addresses seen once are not kept forever
+            return max(mine, self._wait(self.all, self.total, now))
+
+    def failed(self, address: str = "") -> None:
+        with self.lock:
+            self.failures[address].append(self.clock())
+            self.all.append(self.clock())
+
+
+PASSWORDS = Lockout()  # module state: one per server process, shared by every session
+
+
+def _check_password() -> None:
+    """The password field's on_change: each typed password is checked once (a rerun of the
+    page does not count it again)."""
+    state = st.session_state
+    typed, secret = state.get("password", ""), os.environ.get(PASSWORD_ENV, "")
+    state["password_error"] = None
+    if not typed:
+        return
+    address = st.context.ip_address  # None: this machine (or a proxy on it)
+    address = address if isinstance(address, str) else ""  # (AppTest hands out a mock)
+    wait = PASSWORDS.wait(address)
+    if wait > 0:
+        state["password_error"] = f"Too many wrong passwords: try again in {math.ceil(wait)} s."
+    elif hmac.compare_digest(typed.encode(), secret.encode()):
+        state["signed_in"] = True
+    else:
+        PASSWORDS.failed(address)
+        state["password_error"] = "Wrong password."
 
 
 def password_gate() -> None:
     """With SELFLLM_WEBDEMO_PASSWORD set, a session sees the chat only after typing it."""
-    secret = os.environ.get(PASSWORD_ENV)
-    if not secret or st.session_state.get("signed_in"):
+    if not os.environ.get(PASSWORD_ENV) or st.session_state.get("signed_in"):
         return
-    typed = st.text_input("Password", type="password", key="password")
-    if typed and hmac.compare_digest(typed.encode(), secret.encode()):
-        st.session_state["signed_in"] = True
-        st.rerun()
-    if typed:
-        st.error("Wrong password.")
+    st.text_input("Password", type="password", key="password", on_change=_check_password)
+    if st.session_state.get("password_error"):
+        st.error(st.session_state["password_error"])
     st.stop()
 
 
+def _queue() -> None:
+    """The chat input's on_submit: it runs before the script, so the page knows that it will be
+    answering before it draws the input (disabled while it answers)."""
+    st.session_state.setdefault("waiting", []).append(st.session_state.get("question") or "")
+
+
+def _quoted(text: str, width: int = 60) -> str:
+    return f"“{text if len(text) <= width else text[:width] + '…'}”"
+
+
 def page(args: argparse.Namespace | None = None) -> None:
-    """The whole app, run by Streamlit once per interaction of each browser session."""
+    """The whole app, run by Streamlit once per interaction of each browser session.
+
+    One question is answered per run, with the chat input disabled: Streamlit keeps only the
+    newest of the messages sent during one run, so an enabled input would lose questions typed
+    in quick succession. Then the page runs again (`st.rerun`), for the next waiting question or
+    to enable the input. An answer cut short by a rerun (a setting changed) is answered again;
+    one cut short by Stop leaves `answering` behind, and the next run says so instead.
+    """
     args = args or parse_args()
     tutorial = registry.get(args.tutorial)
     name = tutorial.modelscope_id.split("/")[-1]
@@ -463,22 +587,62 @@ def page(args: argparse.Namespace | None = None) -> None:
     st.info(banner(served))
     if served.warning:
         st.warning(visible(served.warning))
+    state = st.session_state
+    history = state.setdefault("messages", [])
+    waiting = state.setdefault("waiting", [])  # sent, not yet answered, oldest first
+    if waiting:
+        state["notices"] = []  # those of the last question
+    notices = state.setdefault("notices", [])
+    stopped = state.pop("answering", None)
+    if stopped is not None:
+        notices.append(("warning", f"Stopped: the answer to {_quoted(stopped)} was not finished and "
+                        "is not kept. Send the question again for a new answer."))
+    while waiting:  # drop what will not be answered: empty messages, and too long ones (said)
+        refused = too_long(waiting[0], "Your message", args.max_message_chars)
+        if waiting[0].strip() and not refused:
+            break
+        waiting.pop(0)
+        if refused:
+            notices.append(("error", refused))
+    question = waiting[0].strip() if waiting else None  # it leaves `waiting` when answered
     options = sidebar(served, served.context_limit(args.max_context))
-    history = st.session_state.setdefault("messages", [])
-    # questions not yet answered: one sent while another was being answered interrupts that run
-    # (Streamlit reruns the script at once); both stay here and are answered in order
-    waiting = st.session_state.setdefault("waiting", [])
+    busy = question is not None
+    st.chat_input("Answering: wait for this answer" if busy else "Ask something",
+                  key="question", on_submit=_queue, disabled=busy)
     for message in history:
         show(message["role"], message["content"])
-    question = st.chat_input("Ask something")
-    if question and question.strip():  # an empty message is ignored
-        waiting.append(question.strip())
-    if len(waiting) > 1:
-        st.info(f"{len(waiting)} questions are waiting: they are answered one after the other.")
-    while waiting:
-        respond(served, history, waiting[0], options, args)
-        waiting.pop(0)
+    for kind, text in notices:
+        getattr(st, kind)(text)
+    if not busy:
+        return
+    state["answering"] = waiting.pop(0).strip()  # no Streamlit call between: no interruption
+    try:
+        notices.extend(respond(served, history, question, options, args))
+    except RerunException:  # a setting changed mid-answer: answer again, with the new one
+        del state["answering"]
+        waiting.insert(0, question)
+        raise
+    del state["answering"]
+    st.rerun()  # the next waiting question, or the input enabled again
 
+
+class NoMetrics:
+    """ASGI middleware: 404 for Streamlit's `/_stcore/metrics`, which answers anyone, password or
+    not (the password page lives inside the app), with the server's sessions and cache sizes.
+    Streamlit (1.67) has no option to switch it off; `st.App` runs middleware like this first."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/_stcore/metrics"):
+            await PlainTextResponse("Not Found", status_code=404)(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+# `streamlit run` finds this app in the file and serves the page through it (uvicorn).
+app = st.App(__file__, middleware=[Middleware(NoMetrics)])
 
 if __name__ == "__main__":  # run by Streamlit: use the imported module, which tests can patch
     from selfllm_utils import webdemo

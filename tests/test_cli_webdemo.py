@@ -6,6 +6,7 @@ address, SIGTERM) is started in tests/test_webdemo_browser.py, with the other re
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -80,3 +81,55 @@ def test_an_adapter_path_typed_in_notebooks_is_found_and_said(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert webdemo.find_adapter("output/qwen2-assistant/adapter") == saved.resolve()
     assert capsys.readouterr().out == ""  # found where typed: nothing to say
+
+
+@pytest.fixture
+def started(monkeypatch) -> dict:
+    """What `webdemo.run` would be started with; no server starts."""
+    seen: dict = {}
+
+    def fake_run(tutorial, adapter, port, address, public, app_args):
+        seen.update(address=address, public=public, app_args=app_args)
+        return 0
+
+    monkeypatch.setattr(webdemo, "run", fake_run)
+    return seen
+
+
+@pytest.mark.parametrize(("argv", "address"), [(["--public", "--address", "127.0.0.1"], "127.0.0.1"),
+                                               (["--public"], "0.0.0.0"), ([], "127.0.0.1")])
+def test_an_explicit_address_is_kept(started, argv, address):
+    """`--public --address 127.0.0.1` listened on 0.0.0.0: the default was taken for unset."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["webdemo", *argv])
+    assert stop.value.code == 0 and started["address"] == address
+
+
+def test_an_empty_password_is_refused(started, monkeypatch):
+    """An empty answer to --password served the demo with no password page at all."""
+    import getpass
+
+    monkeypatch.delenv(webdemo.PASSWORD_ENV, raising=False)
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": "")
+    assert "password is empty" in one_line_error(["--public", "--password"])
+    assert started == {} and webdemo.PASSWORD_ENV not in os.environ
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": "s3cret")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["webdemo", "--public", "--password"])
+    assert stop.value.code == 0 and started["public"]
+    monkeypatch.delenv(webdemo.PASSWORD_ENV)  # set by the command for its server
+
+
+@pytest.mark.parametrize(("argv", "says"), [(["--max-context", "-5"], "--max-context -5: must be at least"),
+                                            (["--max-context", "10"], "--max-context 10: must be at least"),
+                                            (["--timeout", "-1"], "--timeout -1: must be a number above 0"),
+                                            (["--timeout", "nan"], "--timeout nan"),
+                                            (["--first-token-timeout", "0"], "--first-token-timeout 0"),
+                                            (["--max-message-chars", "0"], "--max-message-chars 0")])
+def test_numbers_that_break_every_answer_are_one_line(monkeypatch, argv, says):
+    """`--max-context -5` and `--timeout -1` were accepted, then every answer failed."""
+    import getpass
+
+    monkeypatch.setattr(webdemo, "serve", lambda *a, **k: pytest.fail("a server was started"))
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": pytest.fail("asked for a password first"))
+    assert says in one_line_error([*argv, "--public", "--password"])

@@ -267,7 +267,7 @@ def test_a_question_sent_during_an_answer_waits_its_turn(app, calls):
     assert at.session_state["waiting"] == [] and len(calls) == 2
 
 
-def test_a_password_guards_the_chat(app, monkeypatch):
+def test_a_password_guards_the_chat(app, monkeypatch, lockout):
     monkeypatch.setenv(webdemo.PASSWORD_ENV, "s3cret")
     at = app(f"--tutorial {TINY}", max_new_tokens=None)
     assert not at.chat_input and at.text_input[0].proto.type == at.text_input[0].proto.PASSWORD
@@ -331,3 +331,111 @@ def test_command_binds_locally_headless_without_usage_stats(tmp_path):
 @pytest.mark.parametrize("entry", ["serve", "run"])
 def test_entry_points_bind_127_0_0_1_by_default(streamlit_address, entry):
     assert streamlit_address(getattr(webdemo, entry)) == "127.0.0.1"
+
+
+def test_the_context_limit_is_looked_up_in_one_place(app, monkeypatch):
+    """`inference.chat` refuses past the limit the demo cuts to: both read `inference.context_limit`."""
+    at = app(f"--tutorial {TINY}")
+    served = webdemo.load(TINY, None)
+    assert served.context_limit() == served.model.config.max_position_embeddings
+    assert served.context_limit(100) == 100
+    monkeypatch.setattr(inference, "context_limit", lambda model, max_context=None: 77)
+    assert served.context_limit() == 77
+    with pytest.raises(ValueError, match="context of 77 tokens"):
+        inference.chat(served.model, served.tokenizer, "word " * 80, served.tutorial.family)
+    assert at.run().slider(key="max_new_tokens").max == 77 // 2  # the sidebar's cap: the same limit
+
+
+def test_a_huge_message_is_refused_before_the_tokenizer(app, calls, monkeypatch):
+    """A 2 MB message cost up to a minute of CPU a turn (and memory) before it reached the model."""
+    tokenized = []
+    monkeypatch.setattr(webdemo, "prompt_length", lambda *a: tokenized.append(1) or 0)
+    at = ask(app(f"--tutorial {TINY} --max-message-chars 1000"), "x" * 2_000_000)
+    assert "2,000,000 characters" in at.error[0].value and "at most 1,000" in at.error[0].value
+    assert calls == [] and tokenized == [] and history(at) == [] and at.session_state["waiting"] == []
+    at.text_area(key="system").set_value("y" * 1001)
+    ask(at, "Hi!")
+    assert "system prompt has 1,001 characters" in at.error[0].value and calls == [] and tokenized == []
+    at.text_area(key="system").set_value("")
+    ask(at, "Hi!")
+    assert not at.error and len(calls) == 1 and len(history(at)) == 2
+
+
+def test_stop_ends_the_answer_and_a_later_click_does_not_answer_again(app, calls, monkeypatch):
+    """After Stop, touching a slider answered the stopped question again."""
+    from streamlit.runtime.scriptrunner import StopException
+
+    real = webdemo.generate
+
+    def stopped(*args):
+        yield "half an answer"
+        raise StopException()  # what Streamlit raises in the script when the visitor presses Stop
+
+    monkeypatch.setattr(webdemo, "generate", stopped)
+    at = ask(app(f"--tutorial {TINY}"), QUESTION)
+    assert at.chat_input[0].disabled  # no second question while one is answered (it would be lost)
+    assert history(at) == []
+    monkeypatch.setattr(webdemo, "generate", real)
+    at.slider(key="temperature").set_value(0.5).run()
+    assert calls == [] and history(at) == [] and not at.chat_input[0].disabled
+    assert "Stopped" in at.warning[0].value and QUESTION in at.warning[0].value
+    ask(at, "again")
+    assert [m["content"] for m in history(at)][::2] == ["again"] and not at.warning
+
+
+def test_an_answer_cut_by_a_rerun_is_answered_again(app, calls, monkeypatch):
+    """A setting changed mid-answer reruns the page: the question is answered again, once."""
+    from streamlit.runtime.scriptrunner import RerunData, RerunException
+
+    real, runs = webdemo.generate, []
+
+    def cut_once(*args):
+        runs.append(1)
+        if len(runs) == 1:
+            raise RerunException(RerunData())
+        yield from real(*args)
+
+    monkeypatch.setattr(webdemo, "generate", cut_once)
+    at = ask(app(f"--tutorial {TINY}"), QUESTION)
+    assert len(runs) == 2 and [m["content"] for m in history(at)][::2] == [QUESTION] and not at.warning
+
+
+@pytest.fixture
+def lockout(monkeypatch) -> list[float]:
+    """A fresh password lockout for the server, on a clock the test moves."""
+    now = [0.0]
+    monkeypatch.setattr(webdemo, "PASSWORDS", webdemo.Lockout(clock=lambda: now[0]))
+    return now
+
+
+def test_wrong_passwords_lock_the_page_for_every_session(app, monkeypatch, lockout):
+    """300 wrong passwords, then the right one, got in: guesses are now limited per address, not
+    per session (a new tab does not reset them), and in all."""
+    monkeypatch.setenv(webdemo.PASSWORD_ENV, "s3cret")
+    at = app(f"--tutorial {TINY}", max_new_tokens=None)
+    for guess in range(webdemo.PASSWORD_TRIES):
+        at.text_input[0].input(f"guess {guess}").run()
+        assert "Wrong password" in at.error[0].value
+    at.text_input[0].input("s3cret").run()
+    assert not at.chat_input and "Too many wrong passwords" in at.error[0].value
+    other = app(f"--tutorial {TINY}", max_new_tokens=None)  # a new tab: a new session, same server
+    other.text_input[0].input("s3cret").run()
+    assert not other.chat_input and "try again in 60 s" in other.error[0].value
+    assert webdemo.PASSWORDS.wait("10.0.0.7") == 0  # another learner's address: not locked
+    lockout[0] += webdemo.PASSWORD_WINDOW
+    other.text_input[0].input("").run()  # typed again: a field checks a password when it changes
+    other.text_input[0].input("s3cret").run()
+    assert other.chat_input and not other.error
+
+
+def test_wrong_passwords_from_many_addresses_are_limited_in_all():
+    now = [0.0]
+    lockout = webdemo.Lockout(tries=5, total=30, window=60, clock=lambda: now[0])
+    for n in range(30):
+        assert lockout.wait(f"10.0.0.{n}") == 0
+        lockout.failed(f"10.0.0.{n}")
+    now[0] = 10.0
+    assert lockout.wait("10.0.0.99") == 50  # a new address waits too: guessing is bounded in all
+    now[0] = 60.0
+    assert lockout.wait("10.0.0.99") == 0
+    assert all(lockout.wait(f"10.0.0.{n}") == 0 for n in range(30)) and not lockout.failures

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from urllib.parse import urlparse
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -97,15 +98,16 @@ def server(tmp_path, free_port):
         yield url
 
 
-@pytest.fixture
-def tiny_server(tmp_path, free_port):
-    """The tiny random DeepSeek stand-in: answers in milliseconds, where content does not matter."""
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory, free_port):
+    """The tiny random DeepSeek stand-in: answers in milliseconds, where content does not matter.
+    One server for the module's tests (each opens its own browser session)."""
     need_chromium()
-    with running("deepseek", tmp_path, free_port()) as started:
+    with running("deepseek", tmp_path_factory.mktemp("tiny"), free_port()) as started:
         yield started
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
 
@@ -186,6 +188,16 @@ def test_markup_in_a_message_fetches_nothing_and_draws_nothing(tiny_server, brow
     assert elsewhere == []  # no image fetched, no usage statistics sent
     assert chat.locator("img").count() == 0 and chat.locator(".katex").count() == 0
     assert MARKUP in messages(page)[0]  # shown as typed
+
+
+def test_metrics_are_closed(tiny_server):
+    """`/_stcore/metrics` answered anyone, password or not (the password page is in the app)."""
+    url, _ = tiny_server
+    with pytest.raises(urllib.error.HTTPError) as closed:
+        urllib.request.urlopen(f"{url}/_stcore/metrics", timeout=10)
+    assert closed.value.code == 404
+    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=10) as response:
+        assert response.read().strip() == b"ok"  # the server itself answers
 
 
 def test_the_command_binds_localhost_and_sigterm_stops_its_server(tmp_path, free_port):
