@@ -35,8 +35,8 @@ Offloaded activations (`offload_activations`, with checkpointing; `training.Offl
     the layer inputs checkpointing keeps (2*h bytes a token a layer) wait in pinned host memory
     instead, and only OFFLOAD_IN_FLIGHT of them are on the GPU at a time (the one being copied
     out, or the next one coming back). The host then holds every layer's input and a few more
-    saved tensors of the same size (the final norm's input, the loss's): (layers + 2) copies, each
-    rounded up to a power of two bytes, as PyTorch's pinned-memory allocator does: `host_gib`.
+    saved tensors of the same size (the final norm's input, the loss's): (layers + 2) copies, in
+    pinned buffers of 256 MiB that hold as many whole copies as fit: `host_gib`.
 
 Checked against `torch.cuda.max_memory_allocated` on an H100 (DeepSeek-7B shape, random
 weights, the course's `models.load_model` + `add_lora` + `training.make_trainer`): within
@@ -265,9 +265,14 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
         params = 0.0 if offload else params / num_gpus
     activations, logits = _activation_bytes(ref, tokens, quant, gradient_checkpointing, liger, offload_activations)
     host = 0.0
-    if offload_activations:
-        copy = tokens * ref["hidden_size"] * 2  # one layer input, bf16
-        host = (ref["num_hidden_layers"] + OFFLOAD_EXTRA_COPIES) * 2 ** math.ceil(math.log2(copy))
+    if offload_activations:  # copies cut from reused pinned buffers (training.OffloadActivations)
+        from .training import OFFLOAD_CHUNK_BYTES
+
+        copies, copy = ref["num_hidden_layers"] + OFFLOAD_EXTRA_COPIES, tokens * ref["hidden_size"] * 2
+        if copy > OFFLOAD_CHUNK_BYTES:
+            host = copies * 2 ** math.ceil(math.log2(copy))  # a buffer of its own each
+        else:
+            host = math.ceil(copies / (OFFLOAD_CHUNK_BYTES // (-(-copy // 512) * 512))) * OFFLOAD_CHUNK_BYTES
     setting = (f"{t.key}, {quant}, {tokens:,} tokens a batch, LoRA r={lora_r}, "
                f"{'checkpointing' if gradient_checkpointing else 'no checkpointing'}, {optimizer}"
                + (f", ZeRO-{zero_stage} on {num_gpus} GPU(s)" if zero_stage else "")
