@@ -320,8 +320,8 @@ AUTO_NO_CHECKPOINT_TOKENS = 8_192
 # otherwise get a step of fewer than OFFLOAD_BELOW_TOKENS, offloading lets one of at least
 # OFFLOAD_MIN_GAIN times the tokens fit, and the copies take at most HOST_SHARE of the free host
 # memory (the data, the Python process and the pinned copies share it). Measured on one H200
-# (2026-12-02): DeepSeek-7B QLoRA under 5.5 GiB, 2,560 -> 4,864 tokens, 1.33-1.53x the tokens/s
-# (a small step is bound by the host launching kernels); GLM-4-9B under 24 GiB, 11,136 -> 16,384
+# (2026-12-02): DeepSeek-7B QLoRA under 5.5 GiB, 2,560 -> 4,864 tokens, 1.33x the tokens/s in one run
+# (4,096 by hand: 1.42x in another; a small step is bound by the host launching kernels); GLM-4-9B under 24 GiB, 11,136 -> 16,384
 # tokens, 7,319 -> 7,360 tokens/s: a step that size already keeps the GPU busy, so no gain.
 OFFLOAD_BELOW_TOKENS = 8_192
 OFFLOAD_MIN_GAIN = 1.25
