@@ -221,7 +221,9 @@ def profiled(steps: range, out: Path):
                 events = self.prof.key_averages()
                 gpu = sum(e.self_device_time_total for e in events) / 1e6
                 out.write_text(f"wall {wall:.3f} s for {len(steps)} steps, GPU kernels {gpu:.3f} s\n"
-                               + events.table(sort_by="self_device_time_total", row_limit=25))
+                               + events.table(sort_by="self_device_time_total", row_limit=25)
+                               + "\nby CPU time (what the host spends launching them):\n"
+                               + events.table(sort_by="self_cpu_time_total", row_limit=20))
                 self.prof = None
 
     return CB()
@@ -359,7 +361,8 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
             trainer.data_collator = padded_packs(tokenizer)
     trainer.data_collator = counting(trainer.data_collator, counts)
     trainer.add_callback(clock)
-    if os.environ.get("SELFLLM_PROFILE"):  # kernel table of steps 2-3, inside the untimed warm-up
+    if os.environ.get("SELFLLM_PROFILE") and name in os.environ.get("SELFLLM_PROFILE_ONLY", name).split(","):
+        # kernel table of steps 2-3, inside the untimed warm-up (later steps run slower: don't time it)
         trainer.add_callback(profiled(range(1, 3), Path(os.environ["SELFLLM_PROFILE"]) / f"{name}.txt"))
     trainer.train()
     # the same reader as the ZeRO-3 runs (benchmarks/zero3_gpu.py): steps after the warm-up only

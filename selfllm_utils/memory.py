@@ -35,8 +35,8 @@ Offloaded activations (`offload_activations`, with checkpointing; `training.Offl
     the layer inputs checkpointing keeps (2*h bytes a token a layer) wait in pinned host memory
     instead, and only OFFLOAD_IN_FLIGHT of them are on the GPU at a time (the one being copied
     out, or the next one coming back). The host then holds every layer's input and a few more
-    saved tensors of the same size (the final norm's input, the loss's): (layers + 2) copies, each
-    rounded up to a power of two bytes, as PyTorch's pinned-memory allocator does: `host_gib`.
+    saved tensors of the same size (the final norm's input, the loss's): (layers + 2) copies, in
+    pinned buffers of 256 MiB that hold as many whole copies as fit: `host_gib`.
 
 Checked against `torch.cuda.max_memory_allocated` on an H100 (DeepSeek-7B shape, random
 weights, the course's `models.load_model` + `add_lora` + `training.make_trainer`): within
@@ -82,7 +82,9 @@ LIGER_LAYER_FACTOR = 0.70
 # With offloaded activations, layer inputs on the GPU at once besides the layer at work; with 1
 # the estimate was 5% above the peaks measured on one H200 at 4,096-6,144 tokens (2026-12-02).
 OFFLOAD_IN_FLIGHT = 1
-OFFLOAD_EXTRA_COPIES = 2  # saved tensors of a layer input's size outside the layers (measured: 32 of 30 layers)
+# saved tensors of a layer input's size besides the layers' inputs: measured 2 on DeepSeek-7B (32
+# copies, 30 layers) and 5 on GLM-4-9B (45 copies, 40 layers; one H200, 2026-12-02)
+OFFLOAD_EXTRA_COPIES = 6
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_torch": 8, "adamw_torch_fused": 8,
                          "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
 QUANTS = ("bf16", "4bit")
@@ -265,9 +267,14 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
         params = 0.0 if offload else params / num_gpus
     activations, logits = _activation_bytes(ref, tokens, quant, gradient_checkpointing, liger, offload_activations)
     host = 0.0
-    if offload_activations:
-        copy = tokens * ref["hidden_size"] * 2  # one layer input, bf16
-        host = (ref["num_hidden_layers"] + OFFLOAD_EXTRA_COPIES) * 2 ** math.ceil(math.log2(copy))
+    if offload_activations:  # copies cut from reused pinned buffers (training.OffloadActivations)
+        from .training import OFFLOAD_CHUNK_BYTES
+
+        copies, copy = ref["num_hidden_layers"] + OFFLOAD_EXTRA_COPIES, tokens * ref["hidden_size"] * 2
+        if copy > OFFLOAD_CHUNK_BYTES:
+            host = copies * 2 ** math.ceil(math.log2(copy))  # a buffer of its own each
+        else:
+            host = math.ceil(copies / (OFFLOAD_CHUNK_BYTES // (-(-copy // 512) * 512))) * OFFLOAD_CHUNK_BYTES
     setting = (f"{t.key}, {quant}, {tokens:,} tokens a batch, LoRA r={lora_r}, "
                f"{'checkpointing' if gradient_checkpointing else 'no checkpointing'}, {optimizer}"
                + (f", ZeRO-{zero_stage} on {num_gpus} GPU(s)" if zero_stage else "")
@@ -309,9 +316,14 @@ MARGIN = 0.05  # of the GPU's memory, for the allocator's fragmentation and the 
 BUDGET_STEP = 128
 MAX_BATCH_TOKENS = 16_384  # past this a step gains little speed and an epoch has few steps
 AUTO_NO_CHECKPOINT_TOKENS = 8_192
-# Activation offloading is switched on (cfg.offload_activations=None) where it lets a step of at
-# least OFFLOAD_MIN_GAIN times the tokens fit, and the copies take at most HOST_SHARE of the host
-# memory that is free (the data, the Python process and the pinned copies share it).
+# Activation offloading is switched on (cfg.offload_activations=None) where the card would
+# otherwise get a step of fewer than OFFLOAD_BELOW_TOKENS, offloading lets one of at least
+# OFFLOAD_MIN_GAIN times the tokens fit, and the copies take at most HOST_SHARE of the free host
+# memory (the data, the Python process and the pinned copies share it). Measured on one H200
+# (2026-12-02): DeepSeek-7B QLoRA under 5.5 GiB, 2,560 -> 4,864 tokens, 1.33x the tokens/s in one run
+# (4,096 by hand: 1.42x in another; a small step is bound by the host launching kernels); GLM-4-9B under 24 GiB, 11,136 -> 16,384
+# tokens, 7,319 -> 7,360 tokens/s: a step that size already keeps the GPU busy, so no gain.
+OFFLOAD_BELOW_TOKENS = 8_192
 OFFLOAD_MIN_GAIN = 1.25
 HOST_SHARE = 0.5
 
@@ -400,11 +412,12 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
     otherwise hold fewer than AUTO_NO_CHECKPOINT_TOKENS, and always under ZeRO-3.
 
     With checkpointing on and `cfg.offload_activations=None`, the checkpointed layer inputs are
-    offloaded to host memory (`training.OffloadActivations`) where that lets a step of at least
-    OFFLOAD_MIN_GAIN times the tokens fit and its pinned copies (`estimate.host_gib`) take at most
+    offloaded to host memory (`training.OffloadActivations`) where the step would otherwise hold
+    fewer than OFFLOAD_BELOW_TOKENS, offloading lets one of at least OFFLOAD_MIN_GAIN times the
+    tokens fit, and its pinned copies (`estimate.host_gib`) take at most
     HOST_SHARE of `host_gib` (default: what `host_memory_gib` finds); without that much host
-    memory the budget falls back to keeping them on the GPU, and says so. On a 6 GB card it more
-    than doubles the step; where the card already holds MAX_BATCH_TOKENS it stays off.
+    memory the budget falls back to keeping them on the GPU, and says so. On a 6 GB card it nearly
+    doubles the step; on 24 GB cards the step is already big enough and it stays off.
 
     Raises:
         ValueError: not even one `max_length` example fits, naming what to change.
@@ -454,7 +467,8 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
         off_tokens = _largest_fit(t, usable, True, offload_activations=True, **kw)
         need = estimate_memory(t, batch_tokens=off_tokens, offload_activations=True, **kw).host_gib
         host = host_memory_gib() if host_gib is None else host_gib
-        if cfg.offload_activations is None and off_tokens < tokens * OFFLOAD_MIN_GAIN:
+        if cfg.offload_activations is None and (off_tokens < tokens * OFFLOAD_MIN_GAIN
+                                                or tokens >= OFFLOAD_BELOW_TOKENS):
             off_why = ""  # no gain worth the copies: nothing to say
         elif host is None or need > host * HOST_SHARE:
             off_why = (f"; activations stay on the GPU: offloading them ({off_tokens:,} tokens) needs "

@@ -521,13 +521,17 @@ def test_offloaded_activations_give_the_same_loss_and_lora_gradients(smoke_model
     batch = training.collator(tokenizer, packing=True)([_row(examples_of(tokenizer, registry.get(KEY).family))])
     plain = model(**batch).loss
     ref = _grads(model, plain)
-    offload = training.OffloadActivations(min_bytes=0)  # the tiny model's tensors are small
-    with offload:
-        loss = model(**batch).loss
-    layers = model.config.num_hidden_layers
-    assert len(offload.stored) >= layers and offload.host_bytes > 0  # each layer's input went out
-    torch.testing.assert_close(loss, plain, rtol=0, atol=0)
-    torch.testing.assert_close(_grads(model, loss), ref, rtol=0, atol=0)
+    # the tiny model's tensors are small: all offloaded, into buffers that hold a few each
+    offload = training.OffloadActivations(min_bytes=0, chunk_bytes=1 << 16)
+    for step in range(2):  # the second step reuses the first one's buffers
+        with offload:
+            loss = model(**batch).loss
+        layers = model.config.num_hidden_layers
+        assert len(offload.stored) >= layers and offload.host_bytes > 0  # each layer's input went out
+        torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+        torch.testing.assert_close(_grads(model, loss), ref, rtol=0, atol=0)
+        capacity = offload.host_capacity if step == 0 else capacity
+    assert len(offload.chunks) > 1 and offload.host_capacity == capacity  # reused, not grown
 
 
 def test_the_trainer_offloads_only_when_the_config_says(smoke_models, identity_records, tmp_path) -> None:
