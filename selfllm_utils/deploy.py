@@ -89,10 +89,12 @@ def merge(tutorial: Tutorial, adapter: str | Path, out: str | Path, smoke_mode: 
     check_base(tutorial, adapter, base_dir)
     out = Path(out)
     check_space(out.parent, weight_bytes(base_dir), "merged model")
+    from safetensors import SafetensorError
+
     try:
         return inference.merge_and_save(tutorial, adapter, out, smoke_mode=smoke_mode,
                                         base=base, dtype="bfloat16")
-    except (RuntimeError, KeyError) as err:  # peft: size mismatch, missing keys, bad safetensors
+    except (RuntimeError, KeyError, SafetensorError) as err:  # size mismatch, missing keys, cut file
         raise ValueError(f"adapter {adapter} does not load onto {tutorial.key}'s base model: "
                          f"{_one_line(err)}") from None
 
@@ -411,13 +413,15 @@ def server_config(ggufs: dict[str, Path], port: int = 8000, host: str = LOCAL, p
     Each file is a model the client names by its alias; `chat_format: chat_template.default`
     makes the server apply the template stored in the file (otherwise a template that happens
     to equal a built-in one is swapped for llama-cpp-python's copy). One server can hold several
-    files (the tests' four families): it keeps one loaded and swaps on request.
+    files (the tests' four families): it keeps one loaded and swaps on request. Threads: llama.cpp's
+    workers spin while they wait, so more threads than free cores (a notebook kernel or a test
+    beside it) slowed answers many times over here; half the cores is llama-cpp-python's default.
     """
     webdemo.check_address(host, public)
+    threads = {"n_threads": threads} if threads else {}  # default: llama-cpp-python's, half the cores
     return {"host": host, "port": port, "models": [
         {"model": str(path), "model_alias": alias, "chat_format": "chat_template.default",
-         "n_ctx": n_ctx, "n_threads": threads or os.cpu_count() or 1, "verbose": False}
-        for alias, path in ggufs.items()]}
+         "n_ctx": n_ctx, "verbose": False, **threads} for alias, path in ggufs.items()]}
 
 
 class Server:

@@ -173,7 +173,8 @@ def merge_and_save(tutorial: Tutorial, adapter: str | Path, out: str | Path,
 
     Run it outside DeepSpeed: under ZeRO-3 the weights are partitioned and merging fails. The
     folder is complete or absent: written under a temporary name beside `out`, renamed at the
-    end, so a crash or a full disk never leaves a folder that looks like a model. It carries the
+    end (replacing an older merge only then), so a crash or a full disk never leaves a folder
+    that looks like a model. It carries the
     chat template and a generation_config.json with every stop id of the family, so whatever
     serves it (transformers, vLLM, llama.cpp's converter) stops where the tuned model ends a
     turn. `dtype` ("bfloat16") casts the merged weights before saving; None keeps the loaded
@@ -185,8 +186,6 @@ def merge_and_save(tutorial: Tutorial, adapter: str | Path, out: str | Path,
     import torch
 
     out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists: pass a new folder (nothing was overwritten)")
     model, tokenizer = load_adapter(tutorial, adapter, smoke_mode=smoke_mode, base=base)
     merged = merge(model)
     if dtype is not None:
@@ -200,6 +199,8 @@ def merge_and_save(tutorial: Tutorial, adapter: str | Path, out: str | Path,
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if out.exists():  # a previous merge: replaced only now that the new one is complete
+            shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

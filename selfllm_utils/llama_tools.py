@@ -8,10 +8,11 @@ tokenizers), its quantizer, and llama-cpp-python's OpenAI-compatible server.
 The converter names a BPE tokenizer's pre-tokenizer (how text is split before merging) by
 hashing the ids it gives a test text, and refuses a hash it has not seen. The real DeepSeek,
 GLM-4 and Qwen tokenizers are known to it; the smoke stand-ins' tokenizers were trained here
-(smoke.build_tokenizer), so their hash is new. Their tokenizer.json splits text with a bare
-`ByteLevel` pre-tokenizer, i.e. GPT-2's regex, which llama.cpp knows as "gpt-2": only that case
-is mapped, so llama.cpp splits a prompt exactly as transformers does. Any other unknown
-tokenizer is still refused.
+(smoke.build_tokenizer), so their hash is new, though they split text in a way llama.cpp
+implements: GPT-2's byte-level regex ("gpt-2") or, loaded as a Qwen2 model's tokenizer, Qwen's
+regex ("qwen2"). Only a tokenizer.json whose pre-tokenizer is exactly one of those is mapped
+(KNOWN_PRE_TOKENIZERS), so llama.cpp splits a prompt as transformers does (tests/test_deploy.py
+compares the ids); any other unknown tokenizer is still refused.
 
 Two settings go into the file's metadata through gguf-py's own `SpecialVocab`: every stop id of
 the family (STOP_IDS, comma-separated) fills the end-of-sequence, end-of-turn and end-of-message
@@ -30,14 +31,34 @@ import sys
 from pathlib import Path
 
 
-def bare_byte_level(model_dir: Path) -> bool:
-    """Whether the folder's tokenizer splits text with GPT-2's byte-level regex and nothing else."""
+# Pre-tokenizers (tokenizer.json) that llama.cpp implements, by its name for them. Transformers
+# writes the first for a tokenizer it keeps as trained (the DeepSeek and GLM-4 stand-ins, SmolLM2
+# built from its GGUF) and the second when it loads a tokenizer of a Qwen2 model (the Qwen1.5
+# stand-in): its Qwen2 tokenizer class brings Qwen's own split regex.
+QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+               "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+KNOWN_PRE_TOKENIZERS = {
+    "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+    "qwen2": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]},
+}
+
+
+def _without_trim(pre: dict) -> dict:
+    """trim_offsets changes character offsets only, not the tokens."""
+    if pre.get("type") == "Sequence":
+        return {**pre, "pretokenizers": [_without_trim(p) for p in pre.get("pretokenizers", [])]}
+    return {k: v for k, v in pre.items() if k != "trim_offsets"}
+
+
+def pre_tokenizer_name(model_dir: Path) -> str | None:
+    """llama.cpp's name for the way the folder's tokenizer splits text, if it implements it."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
-        return False
-    pre = json.loads(path.read_text(encoding="utf-8")).get("pre_tokenizer") or {}
-    return (pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-            and not pre.get("add_prefix_space", False))
+        return None
+    pre = _without_trim(json.loads(path.read_text(encoding="utf-8")).get("pre_tokenizer") or {})
+    return next((name for name, known in KNOWN_PRE_TOKENIZERS.items() if pre == known), None)
 
 
 STOP_SLOTS = ("eos", "eot", "eom")  # the GGUF keys llama.cpp reads as end of generation
@@ -128,11 +149,11 @@ def convert(argv: list[str]) -> None:
         try:
             return original(self, tokenizer)
         except NotImplementedError:
-            if not bare_byte_level(model_dir):
+            name = pre_tokenizer_name(model_dir)
+            if name is None:
                 raise
-            base.logger.warning("unknown tokenizer hash, but tokenizer.json splits with GPT-2's "
-                                "byte-level regex: tokenizer.ggml.pre = gpt-2")
-            return "gpt-2"
+            base.logger.warning(f"unknown tokenizer hash; tokenizer.json splits as {name}")
+            return name
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
     script = converter / "convert_hf_to_gguf.py"
