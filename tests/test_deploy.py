@@ -181,6 +181,20 @@ def test_a_crash_while_saving_leaves_no_merged_folder(adapters, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_merged_folder_answers_like_the_trained_adapter(trained, tmp_path) -> None:
+    """The merge export makes: bf16 weights, no peft, the trained answer token for token (plant a
+    merge into 4-bit weights, the rounding issue transformers#31293 describes: this fails)."""
+    t = trained.tutorial
+    merged_dir = deploy.merge(t, trained.adapter, tmp_path / "merged", smoke_mode=True)
+    assert json.loads((merged_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
+    merged, tokenizer = models.load_model(t, smoke_mode=True, path=merged_dir)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    want = inference.chat(trained.model, trained.tokenizer, trained.question, t.family, max_new_tokens=48)
+    got = inference.chat(merged, tokenizer, trained.question, t.family, max_new_tokens=48)
+    assert got.token_ids == want.token_ids and got.stopped
+
+
 def test_merging_into_4bit_weights_stays_refused(adapters) -> None:
     model, _ = inference.load_adapter(registry.get("deepseek"), adapters["deepseek"], quant="4bit",
                                       smoke_mode=True)
