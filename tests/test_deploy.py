@@ -220,10 +220,7 @@ def server(exports):
     """One llama-cpp-python server holding every family's f16 and quantized file."""
     files = {f"{key}-{form}": path for key, e in exports.items()
              for form, path in (("f16", e.gguf), ("quant", e.quantized))}
-    with socket.socket() as sock:
-        sock.bind((deploy.LOCAL, 0))
-        port = sock.getsockname()[1]
-    with deploy.Server(files, port=port) as running:
+    with deploy.Server(files, port=_free_port()) as running:
         yield running
 
 
@@ -324,3 +321,41 @@ def test_an_answer_that_never_ends_fails_the_proof(exports, adapters, server) ->
     assert proof.ok
     proof.answers["gguf-f16 server"][0].stopped = False
     assert not proof.ok and PROMPTS[0] in proof.failures()[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((deploy.LOCAL, 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_refuses_a_port_in_use(tmp_path, capsys) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with socket.socket() as busy:
+        busy.bind((deploy.LOCAL, 0))
+        busy.listen()
+        message = _cli_error(capsys, ["serve", "--gguf", str(gguf), "--port", str(busy.getsockname()[1])])
+    assert "is not free" in message
+
+
+@needs_llama
+def test_a_server_that_does_not_come_up_is_stopped(tmp_path) -> None:
+    """Past the timeout: one line, and the server's process group is gone (nothing left behind)."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    server = deploy.Server(gguf, port=_free_port(), timeout=0.05)
+    with pytest.raises((TimeoutError, RuntimeError), match="model"):
+        server.start()
+    assert server.process.poll() is not None
+    assert not server._config.exists()
+
+
+@needs_llama
+def test_a_server_on_a_broken_file_says_so(tmp_path) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"not a gguf file")
+    server = deploy.Server(gguf, port=_free_port(), timeout=120)
+    with pytest.raises(RuntimeError, match="exited"):
+        server.start()
+    assert server.process.poll() is not None
