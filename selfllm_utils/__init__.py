@@ -2,13 +2,13 @@
 
 Modules in reading order, each importing only those before it (tests/test_layering.py checks):
 registry -> quiet -> data -> smoke -> formatting -> cache -> models -> training -> checkpoints ->
-memory -> inference -> metrics -> evaluation -> distributed -> webdemo -> cli. Notebooks import
+memory -> inference -> metrics -> evaluation -> distributed -> webdemo -> deploy -> cli. Notebooks import
 modules, not names, so a call says where its code lives:
 `from selfllm_utils import formatting; formatting.tokenize_messages(...)`.
 """
 
 __all__ = ["registry", "data", "smoke", "formatting", "models", "training", "memory", "metrics",
-           "inference", "evaluation", "distributed", "webdemo", "exercises"]
+           "inference", "evaluation", "distributed", "webdemo", "deploy", "exercises"]
 
 from . import quiet as _quiet
 

@@ -5,11 +5,16 @@
     selfllm webdemo [--tutorial qwen2] [--adapter PATH] [--port N] [--max-context N] [--timeout S]
                     [--max-message-chars N] [--public [--address A] [--password]]   127.0.0.1 unless --public
     selfllm eval --tutorial T [--adapter PATH] [--json]   the held-out evaluation of a trained adapter
+    selfllm export --tutorial T --adapter PATH --out DIR [--quant Q4_K_M] [--no-gguf]
+                    merged bf16 folder, f16 and quantized GGUF, Ollama Modelfile
+    selfllm serve --gguf FILE [--port 8000] [--public] [--timeout S]   OpenAI-compatible API
+    selfllm verify-export --tutorial T --adapter PATH --out DIR   the served model answers as trained
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import platform
@@ -167,8 +172,6 @@ def serve_demo(args: argparse.Namespace) -> int:
 
 def evaluate(key: str, adapter: str | None, as_json: bool) -> dict:
     """The held-out report of an adapter (or the bare base), as the notebooks show it."""
-    import contextlib
-
     from . import evaluation, inference, models
 
     tutorial = registry.get(key)
@@ -181,6 +184,51 @@ def evaluate(key: str, adapter: str | None, as_json: bool) -> dict:
         report = evaluation.evaluate(model, tokenizer, tutorial, label=adapter or "base")
     print(json.dumps(report.to_dict(), ensure_ascii=False) if as_json else report.table())
     return report.to_dict()
+
+
+def export(args: argparse.Namespace) -> dict:
+    """`selfllm export`: every bad input is one line and a non-zero exit; nothing half-written
+    is left looking complete (deploy writes under temporary names)."""
+    from . import deploy
+
+    try:
+        result = deploy.export(registry.get(args.tutorial), args.adapter, args.out,
+                               quant=None if args.no_gguf else args.quant, gguf=not args.no_gguf)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise SystemExit(f"selfllm export: {err}") from None
+    for name in ("merged", "gguf", "quantized", "modelfile"):
+        if getattr(result, name):
+            print(f"{name:10s} {getattr(result, name)}")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return {"notes": result.notes}
+
+
+def serve_api(args: argparse.Namespace) -> int:
+    """`selfllm serve`: the OpenAI-compatible server on a GGUF until Ctrl-C or SIGTERM."""
+    from . import deploy
+
+    host = "0.0.0.0" if args.public else deploy.LOCAL
+    try:
+        return deploy.run(args.gguf, args.port, host, args.public, args.timeout)
+    except (OSError, ValueError, RuntimeError, TimeoutError) as err:
+        raise SystemExit(f"selfllm serve: {err}") from None
+
+
+def verify_export(args: argparse.Namespace) -> bool:
+    """`selfllm verify-export`: the proof table; exit 1 naming each prompt that differs."""
+    from . import deploy
+
+    tutorial = registry.get(args.tutorial)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # library chatter off the table
+            proof = deploy.verify(tutorial, args.adapter, args.out, port=args.port)
+    except (OSError, ValueError, RuntimeError, TimeoutError) as err:
+        raise SystemExit(f"selfllm verify-export: {err}") from None
+    print(proof.table())
+    if not proof.ok:
+        raise SystemExit("selfllm verify-export: " + "; ".join(proof.failures()))
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,6 +258,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tutorial", required=True, choices=list(registry.TUTORIALS))
     p.add_argument("--adapter", help="a LoRA adapter folder saved by the course (default: the base)")
     p.add_argument("--json", action="store_true", help="one JSON object (for an instructor to collect)")
+    p = sub.add_parser("export", help="merged folder, GGUF files and an Ollama Modelfile of an adapter")
+    p.add_argument("--tutorial", required=True, choices=list(registry.TUTORIALS))
+    p.add_argument("--adapter", required=True, help="a LoRA adapter folder saved by the course")
+    p.add_argument("--out", required=True, help="a new folder for everything exported")
+    p.add_argument("--quant", default="Q4_K_M", help="llama.cpp quantization type (default Q4_K_M)")
+    p.add_argument("--no-gguf", action="store_true", help="only the merged folder")
+    p = sub.add_parser("serve", help="an OpenAI-compatible API on a GGUF file (llama-cpp-python)")
+    p.add_argument("--gguf", required=True, help="a GGUF file written by `selfllm export`")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--public", action="store_true", help="listen on 0.0.0.0 (other machines too)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server")
+    p = sub.add_parser("verify-export", help="prove the exported model answers like the adapter")
+    p.add_argument("--tutorial", required=True, choices=list(registry.TUTORIALS))
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True, help="the folder `selfllm export` wrote")
+    p.add_argument("--port", type=int, default=8765, help="port of the temporary server")
     args = parser.parse_args(argv)
     if args.command == "doctor":
         doctor(as_json=args.json)
@@ -224,6 +288,12 @@ def main(argv: list[str] | None = None) -> None:
         evaluate(args.tutorial, args.adapter, args.json)
     elif args.command == "webdemo":
         sys.exit(serve_demo(args))
+    elif args.command == "export":
+        export(args)
+    elif args.command == "serve":
+        sys.exit(serve_api(args))
+    elif args.command == "verify-export":
+        verify_export(args)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,21 @@ def budget(tutorial: Tutorial, smoke: bool) -> tuple[int, int]:
     return (6, 24) if tutorial.smoke.kind == "tiny" else (10, 64)
 
 
+def heldout(tutorial: Tutorial, limit: int) -> tuple[str | None, list[str], list[str], list[dict]]:
+    """(new name, identity questions, ordinary questions, records) of the tutorial's held-out set:
+    identity paraphrases and ordinary questions (notebook 03) or Chat-甄嬛 records, `limit` in all."""
+    if tutorial.key in IDENTITY_TUTORIALS:
+        held = json.loads(HELDOUT.read_text(encoding="utf-8"))
+        return held["name"], held["identity"][: limit // 2], held["ordinary"][: limit // 2], []
+    return None, [], [], data.load_records(HUANHUAN_HELDOUT)[0][:limit]
+
+
+def heldout_prompts(tutorial: Tutorial, limit: int) -> list[str]:
+    """The held-out questions `evaluate` asks, in its order."""
+    _, identity, ordinary, records = heldout(tutorial, limit)
+    return identity + ordinary + [r["instruction"] for r in records]
+
+
 def heldout_scores(model, tokenizer, tutorial: Tutorial, records: list[dict]) -> tuple[float, float]:
     """(loss, token accuracy) of the reference answers, token-weighted as the Trainer's eval."""
     import numpy as np
@@ -106,12 +121,7 @@ def _evaluate(model, tokenizer, tutorial: Tutorial, label: str, smoke: bool) -> 
     limit, max_new = budget(tutorial, smoke)
     was_training = model.training
     model.eval()
-    name, identity, ordinary, records = None, [], [], []
-    if tutorial.key in IDENTITY_TUTORIALS:
-        held = json.loads(HELDOUT.read_text(encoding="utf-8"))
-        name, identity, ordinary = held["name"], held["identity"][: limit // 2], held["ordinary"][: limit // 2]
-    else:
-        records = data.load_records(HUANHUAN_HELDOUT)[0][:limit]
+    name, identity, ordinary, records = heldout(tutorial, limit)
     prompts = identity + ordinary + [r["instruction"] for r in records]
     try:
         replies = [inference.chat(model, tokenizer, q, tutorial.family, system=tutorial.system_prompt,

@@ -181,13 +181,41 @@ def merge(model):
 
 
 def merge_and_save(tutorial: Tutorial, adapter: str | Path, out: str | Path,
-                   smoke_mode: bool | None = None, base: str | Path | None = None) -> Path:
+                   smoke_mode: bool | None = None, base: str | Path | None = None,
+                   dtype: str | None = None) -> Path:
     """Load base (bf16) + adapter in this plain process, merge, save model, tokenizer, stop tokens.
 
-    Run it outside DeepSpeed: under ZeRO-3 the weights are partitioned and merging fails.
+    Run it outside DeepSpeed: under ZeRO-3 the weights are partitioned and merging fails. The
+    folder is complete or absent: written under a temporary name beside `out`, renamed at the
+    end (replacing an older merge only then), so a crash or a full disk never leaves a folder
+    that looks like a model. It carries the
+    chat template and a generation_config.json with every stop id of the family, so whatever
+    serves it (transformers, vLLM, llama.cpp's converter) stops where the tuned model ends a
+    turn. `dtype` ("bfloat16") casts the merged weights before saving; None keeps the loaded
+    dtype (bf16 on a GPU, fp32 on a CPU).
     """
+    import shutil
+    import tempfile
+
+    import torch
+
+    out = Path(out)
     model, tokenizer = load_adapter(tutorial, adapter, smoke_mode=smoke_mode, base=base)
     merged = merge(model)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return Path(out)
+    if dtype is not None:
+        merged = merged.to(getattr(torch, dtype))
+    merged.generation_config.eos_token_id = models.stop_ids(tokenizer, tutorial.family)
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = tutorial.family.chat_template
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():  # a previous merge: replaced only now that the new one is complete
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -109,9 +109,8 @@ class Trained:
     losses: list[float]
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory, identity_records: list[dict]) -> Trained:
-    """Train the smoke recipe of TRAIN_KEY on one identity record and save the adapter.
+def train_one(key: str, out: Path, record: dict) -> Trained:
+    """Train the smoke recipe of tutorial `key` on one record and save the adapter under `out`.
 
     One record only: a tiny random model has frozen random embeddings and output layer, so LoRA
     can make it reproduce one answer exactly but not yet tell several apart.
@@ -121,14 +120,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory, identity_records: list[dic
     from selfllm_utils import formatting, inference, models, training
 
     torch.manual_seed(SEED)
-    tutorial = registry.get(TRAIN_KEY)
-    record = identity_records[0]
+    tutorial = registry.get(key)
     ds = datasets.Dataset.from_list([record] * TRAIN_REPEATS, features=data.FEATURES)
     model, tokenizer = models.load_model(tutorial, smoke_mode=True)
     train_ds, _ = formatting.build_dataset(ds, tokenizer, tutorial, system="")
     cfg = registry.smoke_config(tutorial)
     peft_model = models.add_lora(model, tutorial, cfg)
-    out = tmp_path_factory.mktemp("trained")
     trainer = training.make_trainer(peft_model, tokenizer, train_ds, cfg, out / "run",
                                     disable_tqdm=True)
     trainer.train()
@@ -136,6 +133,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory, identity_records: list[dic
     adapter = inference.save_adapter(peft_model, tokenizer, out / "adapter")
     return Trained(tutorial, peft_model, tokenizer, adapter, record["instruction"],
                    record["output"], trainer.loss_curve.losses)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, identity_records: list[dict]) -> Trained:
+    """TRAIN_KEY's smoke recipe trained on one identity record, and its saved adapter."""
+    return train_one(TRAIN_KEY, tmp_path_factory.mktemp("trained"), identity_records[0])
 
 
 class _FakeServer:

@@ -104,7 +104,7 @@ def test_ci_pins_every_lower_bound() -> None:
     assert pins["bitsandbytes"] and pins["deepspeed"] and pins["gguf"]
 
 
-LEARNER_COMMAND_PREFIX = 'pip install -e ".[gpu,smoke]"'
+LEARNER_COMMAND_PREFIX = 'pip install -e ".[gpu,smoke,serve]"'
 
 
 @pytest.mark.parametrize(("uid", "as_root"), [("0", True), ("1000", False)])
