@@ -72,7 +72,7 @@ def running(tutorial: str, tmp_path: Path, port: int):
     log = tmp_path / "server.log"
     with log.open("w") as out:
         proc = webdemo.serve(tutorial, port=port, stdout=out, stderr=subprocess.STDOUT,
-                             env={**os.environ, "SELFLLM_SMOKE": "1"})
+                             env={**os.environ, "SELFLLM_SMOKE": "1", webdemo.PASSWORD_ENV: ""})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, proc, log)
@@ -206,7 +206,7 @@ def test_the_command_binds_localhost_and_sigterm_stops_its_server(tmp_path, free
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "selfllm_utils.cli", "webdemo", "--tutorial",
                                  "deepseek", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "SELFLLM_SMOKE": "1"})
+                                env={**os.environ, "SELFLLM_SMOKE": "1", webdemo.PASSWORD_ENV: ""})
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", proc, log)
         assert listening(port) == {"0100007F"}, listening(port)  # 127.0.0.1, nothing else
