@@ -107,6 +107,8 @@ class Trained:
     question: str
     answer: str
     losses: list[float]
+    run: Path  # the Trainer's output folder: its TensorBoard event files (records.py)
+    batch_tokens: int | None
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +137,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, identity_records: list[dic
     peft_model.eval()
     adapter = inference.save_adapter(peft_model, tokenizer, out / "adapter")
     return Trained(tutorial, peft_model, tokenizer, adapter, record["instruction"],
-                   record["output"], trainer.loss_curve.losses)
+                   record["output"], trainer.loss_curve.losses, out / "run", cfg.batch_tokens)
 
 
 class _FakeServer:
