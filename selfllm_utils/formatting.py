@@ -7,7 +7,8 @@ format, and trains the family's real end-of-turn token, so the tuned model knows
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import data
 from .registry import ChatFamily, Tutorial
@@ -110,6 +111,18 @@ class FormatReport:
     dropped: int
     tokens: int
     max_length: int
+    lengths: list[int] = field(default_factory=list, repr=False)  # each chat's tokens before any cut
+
+    def against(self, budget: int | None) -> str:
+        """One line: how the chats' lengths meet max_length and a step's token budget."""
+        n = len(self.lengths) or 1
+        mean = sum(self.lengths) / n
+        over = sum(x > self.max_length for x in self.lengths)
+        line = (f"{len(self.lengths)} chats, {min(self.lengths, default=0)}-{max(self.lengths, default=0)} "
+                f"tokens (mean {mean:.0f}); {over} longer than max_length={self.max_length} (cut)")
+        if budget:
+            line += f"; a micro-batch of {budget:,} tokens holds about {budget / max(mean, 1):.0f} of them"
+        return line
 
     def __str__(self) -> str:
         return (f"{self.examples} examples, {self.tokens} tokens (mean "
@@ -132,11 +145,45 @@ def build_dataset(ds, tokenizer, tutorial: Tutorial, system: str | None = None,
         full = tokenize_messages(messages, tokenizer, tutorial.family)
         out = full if len(full["input_ids"]) <= max_length else tokenize_messages(
             messages, tokenizer, tutorial.family, max_length)
-        return {**out, "cut": len(full["input_ids"]) > max_length}
+        return {**out, "cut": len(full["input_ids"]) > max_length, "length": len(full["input_ids"])}
 
     mapped = ds.map(one, remove_columns=ds.column_names, desc="tokenizing")
     cut = sum(mapped["cut"])
-    kept = mapped.filter(lambda ex: len(ex["input_ids"]) > 0).remove_columns("cut")
+    kept = mapped.filter(lambda ex: len(ex["input_ids"]) > 0).remove_columns(["cut", "length"])
     report = FormatReport(len(kept), cut - (len(mapped) - len(kept)), len(mapped) - len(kept),
-                          sum(len(x) for x in kept["input_ids"]), max_length)
+                          sum(len(x) for x in kept["input_ids"]), max_length, mapped["length"])
     return kept, report
+
+
+def label_view(tokenizer, features: dict[str, list[int]], marks: tuple[str, str] = ("【", "】")) -> str:
+    """One example as the model reads it, the trained tokens (labels not IGNORE) between `marks`:
+    what the loss will teach, seen before training (as LLaMA-Factory's and axolotl's previews)."""
+    spans: list[tuple[bool, list[int]]] = []
+    for token, label in zip(features["input_ids"], features["labels"]):
+        trained = label != IGNORE
+        if not spans or spans[-1][0] != trained:
+            spans.append((trained, []))
+        spans[-1][1].append(token)
+    return "".join(marks[0] + tokenizer.decode(ids) + marks[1] if trained else tokenizer.decode(ids)
+                   for trained, ids in spans)
+
+
+def length_figure(report: FormatReport, budget: int | None, path: str | Path) -> Path:
+    """A histogram of the chats' token lengths against max_length (longer ones are cut) and the
+    token budget of a micro-batch (`report.against(budget)` as its title). Saved as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: nothing global, no backend to choose
+
+    fig = Figure(figsize=(7, 3))
+    ax = fig.subplots()
+    ax.hist(report.lengths, bins=min(30, max(5, len(report.lengths) // 3)), color="C0")
+    ax.axvline(report.max_length, color="C3", linestyle="--", label=f"max_length {report.max_length}")
+    if budget and budget <= 2 * max(report.lengths, default=0):  # else it squeezes the bars flat
+        ax.axvline(budget, color="C2", linestyle=":", label=f"token budget {budget:,}")
+    ax.set_xlabel("tokens per chat (before cutting)")
+    ax.set_ylabel("chats")
+    ax.set_title(report.against(budget).replace("; a micro", ";\na micro"), fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return Path(path)

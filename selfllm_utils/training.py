@@ -18,6 +18,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
+from . import records
 from .registry import LAUNCH_TIMEOUT_S, TrainConfig
 
 LOSS_PNG = "loss.png"
@@ -49,7 +50,9 @@ def training_args(cfg: TrainConfig, output_dir: str | Path, **overrides):
         max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         warmup_steps=cfg.warmup_steps, optim=cfg.optim, seed=cfg.seed, bf16=bf16,
         use_liger_kernel=liger_on(cfg),
-        report_to="none", save_total_limit=2,
+        # recorded offline: TensorBoard event files in the run folder (records.py reads them back);
+        # the tokens counted feed the tokens/s that CourseTrainer.log adds
+        report_to=records.REPORT_TO, include_num_input_tokens_seen="non_padding", save_total_limit=2,
         ddp_timeout=LAUNCH_TIMEOUT_S,  # a frozen process ends a launch after this, not 30 min
         # packed batches have no attention_mask column to keep; the collator builds what is needed
         remove_unused_columns=False,
@@ -346,8 +349,39 @@ class OffloadActivations:
         return gpu
 
 
+class RunMeter(TrainerCallback):
+    """What the course records beside each logged loss: tokens/s since the last log, the peak
+    memory so far (the GPU's reserved memory; on a CPU the process's resident peak) and the
+    token budget. Its clock starts where training (or a resumed run) starts."""
+
+    def __init__(self, batch_tokens: int | None):
+        self.batch_tokens = batch_tokens
+        self.last: tuple[float, int] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def values(self, state) -> dict[str, float]:
+        import resource
+
+        import torch
+
+        now, seen = time.perf_counter(), state.num_input_tokens_seen
+        then, before = self.last or (now, seen)
+        self.last = (now, seen)
+        peak = (torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available()
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB on Linux
+        out = {"peak_memory_gib": round(peak, 3)}
+        if now > then and seen > before:
+            out["tokens_per_second"] = round((seen - before) / (now - then), 1)
+        if self.batch_tokens:
+            out["batch_tokens"] = self.batch_tokens
+        return out
+
+
 class CourseTrainer(Trainer):
-    """The library's Trainer; running out of GPU memory ends in one line (`OutOfMemory`).
+    """The library's Trainer; running out of GPU memory ends in one line (`OutOfMemory`), and each
+    logged loss comes with what `RunMeter` measures (into the TensorBoard events too).
 
     With `cfg.offload_activations` each training forward runs inside `OffloadActivations`
     (`trainer.offload`), which keeps the checkpointed layer inputs in host memory.
@@ -355,6 +389,12 @@ class CourseTrainer(Trainer):
 
     course_cfg: TrainConfig
     offload: OffloadActivations | None = None
+    meter: RunMeter | None = None
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self.meter is not None:  # a training log, not eval or the summary
+            logs.update(self.meter.values(self.state))
+        super().log(logs, *args, **kwargs)
 
     def train(self, *args, **kwargs):
         import torch
@@ -690,7 +730,8 @@ class FastLora(TrainerCallback):
 def make_trainer(model, tokenizer, train_ds, cfg: TrainConfig, output_dir: str | Path,
                  eval_ds=None, callbacks: list | None = None, args=None, compute_metrics=None,
                  preprocess_logits_for_metrics=None, **overrides):
-    """A `Trainer` with the course's collator, a LossCurve (`trainer.loss_curve`), RoPE kept
+    """A `Trainer` with the course's collator, a LossCurve (`trainer.loss_curve`), a RunMeter
+    (`trainer.meter`: tokens/s, peak memory and budget beside each logged loss), RoPE kept
     in fp32 under DeepSpeed's bf16 engine (`trainer.rope_fix`, see `fp32_rope`) and LoRA layers
     trained with one fused product (`trainer.fast_lora`, see `FastLora`).
 
@@ -711,7 +752,7 @@ def make_trainer(model, tokenizer, train_ds, cfg: TrainConfig, output_dir: str |
             train_ds, pack_report = pack_dataset(train_ds, cfg.batch_tokens, args.world_size)
         if eval_ds is not None and not _packed(eval_ds):
             eval_ds, _ = pack_dataset(eval_ds, cfg.batch_tokens, args.world_size)
-    curve, rope, fast = LossCurve(), Fp32Rope(), FastLora()
+    curve, rope, fast, meter = LossCurve(), Fp32Rope(), FastLora(), RunMeter(cfg.batch_tokens)
     if cfg.packing and torch.cuda.is_available():
         use_varlen_attention(model)
     if liger_on(cfg):
@@ -719,10 +760,10 @@ def make_trainer(model, tokenizer, train_ds, cfg: TrainConfig, output_dir: str |
     trainer = CourseTrainer(
         model=model, args=args, train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator(tokenizer, cfg.packing),
-        processing_class=tokenizer, callbacks=[curve, rope, fast, *(callbacks or [])],
+        processing_class=tokenizer, callbacks=[curve, rope, fast, meter, *(callbacks or [])],
         compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
-    trainer.course_cfg, trainer.pack_report = cfg, pack_report
+    trainer.course_cfg, trainer.pack_report, trainer.meter = cfg, pack_report, meter
     trainer.offload = OffloadActivations() if cfg.offload_activations else None
     trainer.loss_curve, trainer.rope_fix, trainer.fast_lora = curve, rope, fast
     return trainer

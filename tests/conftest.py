@@ -107,6 +107,8 @@ class Trained:
     question: str
     answer: str
     losses: list[float]
+    run: Path  # the Trainer's output folder: its TensorBoard event files (records.py)
+    batch_tokens: int | None
 
 
 def train_one(key: str, out: Path, record: dict) -> Trained:
@@ -132,7 +134,7 @@ def train_one(key: str, out: Path, record: dict) -> Trained:
     peft_model.eval()
     adapter = inference.save_adapter(peft_model, tokenizer, out / "adapter")
     return Trained(tutorial, peft_model, tokenizer, adapter, record["instruction"],
-                   record["output"], trainer.loss_curve.losses)
+                   record["output"], trainer.loss_curve.losses, out / "run", cfg.batch_tokens)
 
 
 @pytest.fixture(scope="session")

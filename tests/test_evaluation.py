@@ -53,7 +53,7 @@ def test_heldout_name_is_the_one_the_identity_data_teaches(identity_records):
 
 def fake_chat(answers: dict[str, inference.Reply]):
     def chat(model, tokenizer, question, family, system=None, max_new_tokens=256, **gen):
-        return answers[question]
+        return answers[question if isinstance(question, str) else question[-1]["content"]]
     return chat
 
 
@@ -176,3 +176,46 @@ def test_trained_answers_stop(trained, smoke_models, after):
     before = evaluation.evaluate(base, tokenizer, trained.tutorial, "before", smoke_mode=True)
     assert after.stop_share > before.stop_share
     assert after.heldout_loss < before.heldout_loss
+
+
+def test_figure_prints_each_value_on_its_bar(after) -> None:
+    """A "before" share of 0 is an invisible bar: its value is written on it."""
+    before = evaluation.Report("before", after.prompts, after.max_new_tokens, 0.0, 24.0,
+                               heldout_loss=after.heldout_loss + 1, token_accuracy=0.0)
+    left, right = evaluation.draw([before, after]).axes
+    labels = [t.get_text() for t in left.texts]
+    assert labels.count("0.00") >= 2  # before: stop_share and token_accuracy, both 0
+    assert f"{after.stop_share:.2f}" in labels and f"{after.token_accuracy:.2f}" in labels
+    assert [t.get_text() for t in right.texts] == [f"{r.heldout_loss:.2f}" for r in (before, after)]
+
+
+def test_a_heldout_of_your_own_or_split_off(tmp_path) -> None:
+    import datasets
+
+    mine = tmp_path / "mine.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": f"我是小麦 {i}" if i % 2 else f"a{i}"}]}
+            for i in range(10)]
+    mine.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    held = evaluation.read_heldout(mine, "小麦")
+    assert [r["kind"] for r in held.records] == ["ordinary", "identity"] * 5
+    course = evaluation.read_heldout(evaluation.HELDOUT)  # the course's own shape: name and questions
+    assert course.name == json.loads(evaluation.HELDOUT.read_text(encoding="utf-8"))["name"]
+    ds = datasets.Dataset.from_list(data.load_records(mine)[0], features=data.FEATURES)
+    train, split = evaluation.split_heldout(ds, "小麦")
+    assert len(train) + len(split.records) == 10 and split.records
+    assert not {r["instruction"] for r in split.records} & set(train["instruction"])  # never trained on
+    assert "split off" in split.source
+
+
+def test_a_split_off_heldout_is_asked_with_its_system_prompt_and_history(monkeypatch) -> None:
+    asked = []
+    monkeypatch.setattr(evaluation.inference, "chat",
+                        lambda model, tok, messages, *a, **k: asked.append(messages) or inference.Reply("我是小麦", [1], True))
+    record = {"instruction": "你是谁？", "input": "", "output": "我是小麦。", "system": "面包店客服",
+              "history": [["你好", "你好呀"]], "kind": "identity"}
+    held = evaluation.Heldout([record], "小麦")
+    monkeypatch.setattr(evaluation, "heldout_scores", lambda *a: (1.0, 0.5))
+    report = evaluation.evaluate(torch_module(), None, registry.get("qwen2"), smoke_mode=True, heldout=held)
+    assert asked == [data.to_messages(record)[:-1]]
+    assert (report.identity_share, report.ordinary_share, report.heldout_loss) == (1.0, None, 1.0)

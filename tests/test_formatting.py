@@ -217,3 +217,34 @@ def test_a_misspelled_role_or_missing_content_names_the_message(setup, bad, fiel
                 {"role": "user", "content": "再问"}, bad]
     with pytest.raises(ValueError, match=f"message 3.*field {field}"):
         formatting.tokenize_messages(messages, tokenizer, tutorial.family)
+
+
+def test_label_view_marks_exactly_the_trained_tokens(smoke_models) -> None:
+    """The preview shows every answer (and its stop token) between the marks, nothing else."""
+    t = registry.get("qwen1.5")
+    tokenizer = smoke_models.tokenizer(t.key)
+    record = {"instruction": "你是谁？", "output": "家父是大理寺少卿甄远道。",
+              "history": [["你好", "你好呀。"]]}
+    messages = data.to_messages(record, system=t.system_prompt)
+    features = formatting.tokenize_messages(messages, tokenizer, t.family)
+    view = formatting.label_view(tokenizer, features, marks=("[[", "]]"))
+    trained = [piece for piece, is_target in formatting.split_turns(tokenizer, messages, t.family) if is_target]
+    assert view.count("[[") == len(trained) == 2
+    assert [part.split("]]")[0] for part in view.split("[[")[1:]] == trained
+    assert view.replace("[[", "").replace("]]", "") == tokenizer.decode(features["input_ids"])
+
+
+def test_format_report_keeps_every_length_before_the_cut(smoke_models) -> None:
+    import datasets
+
+    t = registry.get("qwen1.5")
+    tokenizer = smoke_models.tokenizer(t.key)
+    records = [{"instruction": "你是谁？", "input": "", "output": "甄" * n, "system": None, "history": []}
+               for n in (2, 40, 400)]
+    ds = datasets.Dataset.from_list(records, features=data.FEATURES)
+    full = [len(formatting.tokenize_messages(data.to_messages(r, t.system_prompt), tokenizer, t.family)["input_ids"])
+            for r in records]
+    _, report = formatting.build_dataset(ds, tokenizer, t, max_length=full[1])
+    assert report.lengths == full and report.truncated == 1
+    line = report.against(4 * full[1])
+    assert "1 longer than max_length" in line and "holds about" in line

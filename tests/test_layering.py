@@ -17,7 +17,7 @@ import selfllm_utils
 
 PACKAGE = "selfllm_utils"
 PACKAGE_DIR = Path(selfllm_utils.__file__).parent
-ORDER = ["registry", "quiet", "data", "smoke", "formatting", "cache", "models", "training",
+ORDER = ["registry", "quiet", "data", "smoke", "formatting", "cache", "models", "records", "training",
          "checkpoints", "memory", "inference", "metrics", "evaluation", "distributed", "webdemo",
          "deploy", "cli"]
 PRESENT = sorted(p.stem for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__")

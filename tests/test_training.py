@@ -208,7 +208,8 @@ def test_training_args_map_the_config(tmp_path) -> None:
         assert getattr(args, name) == getattr(cfg, name), name
     assert args.output_dir == str(tmp_path)
     assert args.remove_unused_columns is False  # packed batches carry position_ids, no mask
-    assert args.report_to in ([], "none", ["none"])
+    assert args.report_to == ["tensorboard"]  # runs recorded offline, in the run folder (records.py)
+    assert args.include_num_input_tokens_seen == "non_padding"  # for the tokens/s beside each loss
     if not torch.cuda.is_available():
         assert args.bf16 is False and args.use_liger_kernel is False
     assert training.training_args(cfg, tmp_path, learning_rate=0.5).learning_rate == 0.5  # overrides win
