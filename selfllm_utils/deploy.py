@@ -608,11 +608,6 @@ def first_difference(tokenizer, prompt: str, reference: Answer, other: Answer) -
             f"(ended turn: {other.stopped} vs {reference.stopped})")
 
 
-def _messages(tutorial: Tutorial, prompt: str) -> list[dict[str, str]]:
-    system = tutorial.system_prompt
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-
-
 def _transformers_answers(model, tokenizer, tutorial: Tutorial, prompts: list[str], max_new: int) -> list[Answer]:
     out = []
     for p in prompts:
@@ -630,7 +625,7 @@ def _server_answers(url: str, model: str, tutorial: Tutorial, prompts: list[str]
     client = OpenAI(base_url=url, api_key="not-needed-locally")
     out = []
     for p in prompts:
-        r = client.chat.completions.create(model=model, messages=_messages(tutorial, p),
+        r = client.chat.completions.create(model=model, messages=inference.messages(p, tutorial.system_prompt),
                                            max_tokens=max_new, temperature=0,
                                            extra_body={"top_k": 1, "repeat_penalty": 1.0})
         choice = r.choices[0]

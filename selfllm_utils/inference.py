@@ -26,7 +26,9 @@ class Reply:
     stopped: bool  # False means it ran into max_new_tokens without ending its turn
 
 
-def _messages(question: str | list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+def messages(question: str | list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """The message list a question is asked as: the system prompt first, when there is one
+    (`chat`, `stream_chat` and `deploy`'s OpenAI client ask alike)."""
     if isinstance(question, str):
         question = [{"role": "user", "content": question}]
     return ([{"role": "system", "content": system}] if system else []) + list(question)
@@ -75,7 +77,7 @@ def chat(model, tokenizer, question: str | list[dict[str, str]], family: ChatFam
     """
     import torch
 
-    inputs = _inputs(model, tokenizer, _messages(question, system), max_new_tokens)
+    inputs = _inputs(model, tokenizer, messages(question, system), max_new_tokens)
     with torch.no_grad():
         out = model.generate(**inputs, **_generate_kwargs(tokenizer, family, max_new_tokens, **gen))
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -96,7 +98,7 @@ def stream_chat(model, tokenizer, question: str | list[dict[str, str]], family: 
     """
     from transformers import TextIteratorStreamer
 
-    inputs = _inputs(model, tokenizer, _messages(question, system), max_new_tokens)
+    inputs = _inputs(model, tokenizer, messages(question, system), max_new_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
                                     timeout=timeout if first_token_timeout is None else first_token_timeout)
     kwargs = {**inputs, **_generate_kwargs(tokenizer, family, max_new_tokens, **gen), "streamer": streamer}
