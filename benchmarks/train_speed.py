@@ -82,6 +82,18 @@ CONFIGS: dict[str, tuple] = {
                                    {"mix": mix, "cap_gib": 24}) for mix in MIXES},
     **{f"glm4-24g-nooffload-{mix}": ("glm4", "bf16", replace(_course(GLM4, mix), offload_activations=False),
                                      {"mix": mix, "cap_gib": 24}) for mix in MIXES},
+    # each decoder layer compiled (training.CompiledLayers): fewer kernels and less Python a step
+    **{name: spec for mix in MIXES for name, spec in {
+        f"deepseek-qlora-compile-{mix}": ("deepseek", "4bit", replace(_course(DEEPSEEK, mix), compile_layers=True),
+                                          {"mix": mix, "cap_gib": 5.5}),
+        f"qwen2-compile-24g-{mix}": ("qwen2", "bf16", replace(_course(QWEN2, mix), compile_layers=True),
+                                     {"mix": mix, "cap_gib": 24}),
+        f"qwen2-compile-{mix}": ("qwen2", "bf16", replace(_course(QWEN2, mix), compile_layers=True), {"mix": mix}),
+        f"glm4-compile-24g-{mix}": ("glm4", "bf16", replace(_course(GLM4, mix), compile_layers=True),
+                                    {"mix": mix, "cap_gib": 24}),
+        f"glm4-compile-offload-24g-{mix}": ("glm4", "bf16", replace(_course(GLM4, mix), compile_layers=True,
+                                            offload_activations=True), {"mix": mix, "cap_gib": 24}),
+    }.items()},
     # Unsloth as an anchor (its own process, its own path: FastLanguageModel, its SFTTrainer, its
     # checkpointing "unsloth" that offloads to host memory), packed to these lengths, adamw_8bit;
     # the cap is set after its 4-bit load
@@ -219,7 +231,9 @@ def profiled(steps: range, out: Path):
                 wall = time.perf_counter() - self.t0
                 self.prof.__exit__(None, None, None)
                 events = self.prof.key_averages()
-                gpu = sum(e.self_device_time_total for e in events) / 1e6
+                # kernels only: an operator's row repeats the time of the kernels it launched
+                gpu = sum(e.self_device_time_total for e in events
+                          if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
                 out.write_text(f"wall {wall:.3f} s for {len(steps)} steps, GPU kernels {gpu:.3f} s\n"
                                + events.table(sort_by="self_device_time_total", row_limit=25)
                                + "\nby CPU time (what the host spends launching them):\n"
@@ -361,9 +375,10 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
             trainer.data_collator = padded_packs(tokenizer)
     trainer.data_collator = counting(trainer.data_collator, counts)
     trainer.add_callback(clock)
-    if os.environ.get("SELFLLM_PROFILE") and name in os.environ.get("SELFLLM_PROFILE_ONLY", name).split(","):
+    if os.environ.get("SELFLLM_PROFILE"):  # set by --profile for a run of its own
         # kernel table of steps 2-3, inside the untimed warm-up (later steps run slower: don't time it)
         trainer.add_callback(profiled(range(1, 3), Path(os.environ["SELFLLM_PROFILE"]) / f"{name}.txt"))
+    started = time.perf_counter()
     trainer.train()
     # the same reader as the ZeRO-3 runs (benchmarks/zero3_gpu.py): steps after the warm-up only
     accumulation = 1 if trl else cfg.gradient_accumulation_steps
@@ -392,7 +407,9 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         "offload": bool(getattr(trainer, "offload", None)),
         "host_gib": round(trainer.offload.host_bytes / 2**30, 2) if getattr(trainer, "offload", None) else None,
         "estimate_host_gib": round(est.host_gib, 2) if est and hasattr(est, "host_gib") else None,
-        "pinned_host_peak_gib": pinned_peak_gib(),
+        "pinned_host_peak_gib": pinned_peak_gib(), "compiled": bool(getattr(trainer, "compiled", None)),
+        # the untimed warm-up: allocation, autotuning and, with compiled layers, the compilation
+        "first_step_s": round(clock.times[0] - started, 1), "warmup_s": round(clock.times[WARMUP_STEPS - 1] - started, 1),
     }
 
 
@@ -495,6 +512,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated configuration names")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--profile", default="", help="comma-separated configurations to run once more, profiled "
+                        "(kernel tables written to --profile-dir; never read tokens/s from those runs)")
+    parser.add_argument("--profile-dir", default=".")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--workdir", default="/tmp/selfllm-bench")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -510,24 +530,30 @@ def main() -> None:
     print(json.dumps(check_varlen()), flush=True)
     print(json.dumps(check_offload()), flush=True)
     names = args.only.split(",") if args.only else list(CONFIGS)
+    profiles = [n for n in args.profile.split(",") if n]
+    runs = [(n, False) for n in names] + [(n, True) for n in profiles]
     losses: dict[str, list[float]] = {}
-    for name in names:
+    for i, (name, profile) in enumerate(runs):
         if CONFIGS[name][3].get("unsloth") and importlib.util.find_spec("unsloth") is None:
             print(json.dumps({"config": name, "skipped": "unsloth is not installed"}), flush=True)
             continue
         cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),
                "--tflops", str(tflops), "--workdir", args.workdir]
         env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+        if profile:
+            env["SELFLLM_PROFILE"] = str(Path(args.profile_dir).resolve())
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [l[7:] for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if lines:
+        if lines and profile:
+            print(json.dumps({"config": name, "profiled": f"{args.profile_dir}/{name}.txt"}), flush=True)
+        elif lines:
             print(lines[-1], flush=True)
             losses[name] = json.loads(lines[-1])["losses"]
         else:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             print(json.dumps({"config": name, "error": " | ".join(tail)[-600:]}), flush=True)
         key = CONFIGS[name][0]
-        if all(CONFIGS[n][0] != key for n in names[names.index(name) + 1:]):
+        if all(CONFIGS[n][0] != key for n, _ in runs[i + 1:]):
             shutil.rmtree(Path(args.workdir) / key, ignore_errors=True)  # a 7-9B folder is 15-19 GB
     for seed in [n for n in losses if n.endswith("-seed-same")]:
         for course in (seed.replace("-seed-same", "-course-same"), seed.replace("-seed-same", "-offload-same")):

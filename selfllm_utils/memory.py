@@ -316,13 +316,14 @@ MARGIN = 0.05  # of the GPU's memory, for the allocator's fragmentation and the 
 BUDGET_STEP = 128
 MAX_BATCH_TOKENS = 16_384  # past this a step gains little speed and an epoch has few steps
 AUTO_NO_CHECKPOINT_TOKENS = 8_192
-# Activation offloading is switched on (cfg.offload_activations=None) where the card would
-# otherwise get a step of fewer than OFFLOAD_BELOW_TOKENS, offloading lets one of at least
-# OFFLOAD_MIN_GAIN times the tokens fit, and the copies take at most HOST_SHARE of the free host
-# memory (the data, the Python process and the pinned copies share it). Measured on one H200
+# Activation offloading is switched on (cfg.offload_activations=None) where offloading lets a step
+# of at least OFFLOAD_MIN_GAIN times the tokens fit, the copies take at most HOST_SHARE of the free
+# host memory (the data, the Python process and the pinned copies share it) and, with layers not
+# compiled, the card would otherwise get fewer than OFFLOAD_BELOW_TOKENS. Measured on one H200
 # (2026-12-02): DeepSeek-7B QLoRA under 5.5 GiB, 2,560 -> 4,864 tokens, 1.33x the tokens/s in one run
-# (4,096 by hand: 1.42x in another; a small step is bound by the host launching kernels); GLM-4-9B under 24 GiB, 11,136 -> 16,384
-# tokens, 7,319 -> 7,360 tokens/s: a step that size already keeps the GPU busy, so no gain.
+# (4,096 by hand: 1.42x in another; a small step is bound by the host launching kernels); GLM-4-9B
+# under 24 GiB, 11,136 -> 16,384 tokens: 7,319 -> 7,360 tokens/s with plain layers (no gain), with
+# compiled layers 8,695 -> 9,134 (two calls on one machine; README).
 OFFLOAD_BELOW_TOKENS = 8_192
 OFFLOAD_MIN_GAIN = 1.25
 HOST_SHARE = 0.5
@@ -417,7 +418,11 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
     tokens fit, and its pinned copies (`estimate.host_gib`) take at most
     HOST_SHARE of `host_gib` (default: what `host_memory_gib` finds); without that much host
     memory the budget falls back to keeping them on the GPU, and says so. On a 6 GB card it nearly
-    doubles the step; on 24 GB cards the step is already big enough and it stays off.
+    doubles the step. With layers not compiled it also needs a step below OFFLOAD_BELOW_TOKENS
+    (bigger ones already keep the GPU busy).
+
+    With `cfg.compile_layers=None` the decoder layers are compiled (`training.CompiledLayers`) on
+    a GPU that can (`training.can_compile`) in a one-process run without ZeRO.
 
     Raises:
         ValueError: not even one `max_length` example fits, naming what to change.
@@ -431,10 +436,20 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
         return TokenBudget(cfg, None, gib, f"not packed: {cfg.per_device_train_batch_size} "
                            "sequences a batch, padded to the longest")
     ckpt = cfg.gradient_checkpointing
+    # compiled layers: on a GPU that can (training.can_compile), one process without ZeRO (the
+    # runs measured); measured on one H200 (2026-12-02, README): DeepSeek-7B QLoRA 1.40x the
+    # tokens/s, GLM-4-9B under 24 GiB 1.19x, Qwen2-7B 1.02x, about 20 s of compiling in the first step
+    if cfg.compile_layers is None and gib is not None:
+        from . import training  # here: importing the Trainer is slow, and a budget on a CPU needs none
+
+        compiled = not zero_stage and num_gpus == 1 and training.can_compile()
+    else:
+        compiled = bool(cfg.compile_layers)
+    compile_why = "; decoder layers compiled (torch.compile, in the first step)" if compiled else ""
 
     def chosen(tokens: int, checkpointing: bool, reason: str, off: bool = False) -> TokenBudget:
         new = dataclasses.replace(cfg, batch_tokens=tokens, gradient_checkpointing=checkpointing,
-                                  offload_activations=off)
+                                  offload_activations=off, compile_layers=bool(compiled))
         est = estimate_memory(t, batch_tokens=tokens, gradient_checkpointing=checkpointing,
                               offload_activations=off, **kw)
         return TokenBudget(new, est if gib is not None else None, gib, reason)
@@ -443,7 +458,7 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
         by_hand = ("no GPU: the fixed CPU budget, registry.CPU_BATCH_TOKENS"
                    if gib is None and cfg.batch_tokens == registry.CPU_BATCH_TOKENS else "set by hand")
         checkpointing = True if ckpt is None else ckpt
-        found = chosen(cfg.batch_tokens, checkpointing, by_hand,
+        found = chosen(cfg.batch_tokens, checkpointing, by_hand + compile_why,
                        bool(cfg.offload_activations and checkpointing and not zero_stage and gib is not None))
         if not found.fits:
             peak = found.estimate.total_gib - found.estimate.overhead_gib
@@ -468,7 +483,7 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
         need = estimate_memory(t, batch_tokens=off_tokens, offload_activations=True, **kw).host_gib
         host = host_memory_gib() if host_gib is None else host_gib
         if cfg.offload_activations is None and (off_tokens < tokens * OFFLOAD_MIN_GAIN
-                                                or tokens >= OFFLOAD_BELOW_TOKENS):
+                                                or (tokens >= OFFLOAD_BELOW_TOKENS and not compiled)):
             off_why = ""  # no gain worth the copies: nothing to say
         elif host is None or need > host * HOST_SHARE:
             off_why = (f"; activations stay on the GPU: offloading them ({off_tokens:,} tokens) needs "
@@ -485,6 +500,6 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
             f"~{need.total_gib - need.overhead_gib:.1f} GiB with checkpointing; lower max_length"
             + (", use 4-bit (QUANT = \"4bit\")" if quant == "bf16" else "") + " or a GPU with more memory")
     found = chosen(tokens, ckpt, f"fitted to {gib:.1f} GiB with {MARGIN:.0%} kept free; checkpointing "
-                   f"{'on' if ckpt else 'off'}: {why}{off_why}", off)
+                   f"{'on' if ckpt else 'off'}: {why}{off_why}{compile_why}", off)
     found.reason += f"; estimated peak {found.estimate.total_gib - found.estimate.overhead_gib:.1f} GiB"
     return found

@@ -50,6 +50,9 @@ def training_args(cfg: TrainConfig, output_dir: str | Path, **overrides):
         max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         warmup_steps=cfg.warmup_steps, optim=cfg.optim, seed=cfg.seed, bf16=bf16,
         use_liger_kernel=liger_on(cfg),
+        # compiled layers fuse their own norms and activations: Liger keeps only the fused loss
+        **({"liger_kernel_config": {"rope": False, "rms_norm": False, "swiglu": False}}
+           if liger_on(cfg) and compiling(cfg) else {}),
         # recorded offline: TensorBoard event files in the run folder (records.py reads them back);
         # the tokens counted feed the tokens/s that CourseTrainer.log adds
         report_to=records.REPORT_TO, include_num_input_tokens_seen="non_padding", save_total_limit=2,
@@ -389,6 +392,7 @@ class CourseTrainer(Trainer):
 
     course_cfg: TrainConfig
     offload: OffloadActivations | None = None
+    compiled: CompiledLayers | None = None
     meter: RunMeter | None = None
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -727,6 +731,48 @@ class FastLora(TrainerCallback):
         self.layers = []
 
 
+def can_compile() -> bool:
+    """Whether `torch.compile` can generate GPU kernels here: CUDA, Triton, a Volta or newer GPU."""
+    import torch
+
+    return bool(torch.cuda.is_available() and importlib.util.find_spec("triton")
+                and torch.cuda.get_device_capability() >= (7, 0))
+
+
+def compiling(cfg: TrainConfig) -> bool:
+    """Whether this run compiles its decoder layers: asked for (or chosen by memory.token_budget),
+    packed, and `can_compile`."""
+    return bool(cfg.compile_layers and cfg.packing and can_compile())
+
+
+class CompiledLayers(TrainerCallback):
+    """Compiles each decoder layer with `torch.compile` for training; plain layers again after.
+
+    A 4-bit step on a small card launches thousands of small kernels from Python (bitsandbytes'
+    dequantize, peft's LoRA, the norms): the GPU waits for the host. Compiling one layer turns
+    its forward and backward into a few fused kernels called from generated code; all layers
+    share one graph (dynamic shapes: every packed micro-batch has its own length), compiled in the
+    first step. Checkpointing, `OffloadActivations` and `FastLora` work through it unchanged, as
+    torchtune and Unsloth compile per layer too. `self.layers` lists the layers it compiled.
+    """
+
+    def __init__(self, backend: str = "inductor"):
+        self.backend = backend  # "aot_eager": the same graphs without generated kernels (CPU tests)
+        self.layers: list = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        self.layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in self.layers:
+            layer.compile(dynamic=True, backend=self.backend)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for layer in self.layers:
+            layer._compiled_call_impl = None  # nn.Module.compile's own switch: eager again
+        self.layers = []
+
+
 def make_trainer(model, tokenizer, train_ds, cfg: TrainConfig, output_dir: str | Path,
                  eval_ds=None, callbacks: list | None = None, args=None, compute_metrics=None,
                  preprocess_logits_for_metrics=None, **overrides):
@@ -765,5 +811,8 @@ def make_trainer(model, tokenizer, train_ds, cfg: TrainConfig, output_dir: str |
     )
     trainer.course_cfg, trainer.pack_report, trainer.meter = cfg, pack_report, meter
     trainer.offload = OffloadActivations() if cfg.offload_activations else None
+    trainer.compiled = CompiledLayers() if compiling(cfg) else None
+    if trainer.compiled:
+        trainer.add_callback(trainer.compiled)
     trainer.loss_curve, trainer.rope_fix, trainer.fast_lora = curve, rope, fast
     return trainer

@@ -549,3 +549,50 @@ def test_the_trainer_offloads_only_when_the_config_says(smoke_models, identity_r
         cfg = dataclasses.replace(registry.smoke_config(tutorial), offload_activations=on)
         trainer = training.make_trainer(model, tokenizer, ds, cfg, tmp_path / str(on))
         assert isinstance(trainer.offload, training.OffloadActivations) is on
+
+
+def test_compiled_layers_give_the_same_loss_and_lora_gradients_in_one_graph(smoke_models, examples_of) -> None:
+    """training.CompiledLayers: each decoder layer compiled (here "aot_eager": Dynamo's capture and
+    AOTAutograd's forward/backward split, without generating kernels, so it runs on a CPU in seconds)
+    gives the plain step's loss and LoRA gradients, with FastLora, checkpointing and offloading on;
+    every layer shares one graph with no graph break; plain layers come back after training."""
+    from torch._dynamo.utils import counters
+
+    model, tokenizer = _lora_model(KEY, smoke_models, gradient_checkpointing=True)
+    batch = training.collator(tokenizer, packing=True)([_row(examples_of(tokenizer, registry.get(KEY).family))])
+    fast, compiled = training.FastLora(), training.CompiledLayers(backend="aot_eager")
+    fast.on_train_begin(None, None, None, model=model)
+    plain = model(**batch).loss
+    ref = _grads(model, plain)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.on_train_begin(None, None, None, model=model)
+    assert len(compiled.layers) == model.config.num_hidden_layers
+    for offload in (None, training.OffloadActivations(min_bytes=0)):
+        with offload or torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            loss = model(**batch).loss
+        torch.testing.assert_close(loss, plain)
+        torch.testing.assert_close(_grads(model, loss), ref)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for every layer (and both steps)
+    compiled.on_train_end(None, None, None)
+    fast.on_train_end(None, None, None)
+    assert all(layer._compiled_call_impl is None for layer in model.modules()
+               if hasattr(layer, "_compiled_call_impl")) and not compiled.layers
+
+
+@pytest.mark.parametrize("can", [True, False])
+def test_the_trainer_compiles_layers_only_where_it_can(can: bool, smoke_models, identity_records, tmp_path,
+                                                      monkeypatch) -> None:
+    tutorial = registry.get(KEY)
+    model, tokenizer = smoke_models.model(KEY)
+    ds = datasets.Dataset.from_list(_examples(tokenizer, tutorial.family, identity_records[:4]))
+    monkeypatch.setattr(training, "can_compile", lambda: can)  # a CPU here: what a GPU would do
+    for asked in (True, False):
+        cfg = dataclasses.replace(registry.smoke_config(tutorial), compile_layers=asked)
+        trainer = training.make_trainer(model, tokenizer, ds, cfg, tmp_path / f"{can}{asked}")
+        on = asked and can
+        assert isinstance(trainer.compiled, training.CompiledLayers) is on
+        assert (trainer.compiled in trainer.callback_handler.callbacks) is on
+        liger = training.training_args(dataclasses.replace(cfg, use_liger=True), tmp_path).liger_kernel_config
+        assert liger is None  # Liger needs a GPU: nothing to configure here
