@@ -419,6 +419,15 @@ def free_gib(folder: Path) -> float:
     return shutil.disk_usage(folder).free / 2**30
 
 
+def resume_hint(out: Path) -> str:
+    """Where an interrupted run stands and how to continue: the newest complete checkpoint in
+    `out` (a save cut off by the interruption is passed over, as `--resume` does)."""
+    newest = checkpoints.newest_complete(out, say=lambda line: None)
+    if newest is None:
+        return f"no complete checkpoint in {out} yet: run the same command with --resume to start again"
+    return f"the newest complete checkpoint is {newest}: run the same command with --resume to continue from it"
+
+
 def run(argv: list[str] | None = None) -> int:
     """`main` for a terminal; returns the exit status. A mistake in the input, a full disk, any
     other failed file operation or Ctrl-C end in one line on stderr, never a traceback; nothing
@@ -433,7 +442,8 @@ def run(argv: list[str] | None = None) -> int:
         main(argv)
     except KeyboardInterrupt:
         if rank == 0:
-            print(f"train_zero3: interrupted (Ctrl-C); {again}", file=sys.stderr, flush=True)
+            print(f"train_zero3: interrupted (Ctrl-C); {resume_hint(Path(parse_args(argv).output))}",
+                  file=sys.stderr, flush=True)
         return 130
     except ANSWERED as err:
         print(f"{who}: {err}", file=sys.stderr, flush=True)

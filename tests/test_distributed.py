@@ -685,3 +685,61 @@ def test_machines_without_a_shared_output_folder_are_refused(tmp_path: Path, fre
     said = done[1].stderr + done[1].stdout
     assert "ranks [1] do not see what rank 0 writes there" in said and "NFS" in said
     assert not list(tmp_path.glob("*/checkpoint-*"))  # refused before any training
+
+
+# ------------------------------------------------- Ctrl-C in a terminal, through `selfllm torchrun`
+
+
+def digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_ctrl_c_ends_the_launch_in_one_line_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C is SIGINT to its foreground process group: here the launcher's own
+    group (torchrun puts each worker in a session of its own). Sent once the first checkpoint is
+    complete, it must end the launch with exit 130 and one line naming the interruption, the
+    newest complete checkpoint and --resume; no traceback (torchrun's SignalException), no worker
+    left running, the checkpoint untouched."""
+    import signal
+
+    import psutil
+
+    from selfllm_utils import checkpoints
+
+    if not registry.smoke_mode():
+        pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
+    out, log, every = tmp_path / "run", tmp_path / "log.txt", 3
+    cmd = [sys.executable, "-m", "selfllm_utils.cli", "torchrun", "--standalone", "--nproc_per_node", "2",
+           "-m", "selfllm_utils.train_zero3", "--tutorial", TUTORIAL.key, "--output", str(out),
+           "--max-steps", "1000", "--eval-steps", str(every)]  # the course's pick on CPUs: ddp
+    first = out / f"checkpoint-{every}"
+    with log.open("w") as sink:
+        launcher = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while checkpoints.problem(first) is not None:  # trainer_state.json comes last
+                assert launcher.poll() is None, log.read_text()[-3000:]
+                try:
+                    launcher.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+            saved = digests(first)
+            started = psutil.Process(launcher.pid).children(recursive=True)
+            workers = [p for p in started if "selfllm_utils.train_zero3" in " ".join(p.cmdline())]
+            os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C
+            status = launcher.wait(timeout=120)
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+    said = log.read_text()
+    assert len(workers) == 2, started
+    assert status == 128 + signal.SIGINT, said[-3000:]
+    assert "Traceback" not in said and "SignalException" not in said, said[-3000:]
+    lines = [line for line in said.splitlines() if "interrupted" in line.lower()]
+    assert len(lines) == 1 and "--resume" in lines[0], lines
+    newest = checkpoints.newest_complete(out, say=lambda line: None)
+    assert newest is not None and f"newest complete checkpoint is {newest}:" in lines[0]
+    assert not [p.pid for p in started if p.is_running()]  # no orphan still training
+    assert digests(first) == saved and checkpoints.problem(first) is None
