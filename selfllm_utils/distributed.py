@@ -396,10 +396,11 @@ def torchrun(argv: list[str]) -> int:
     try:
         main(argv)
     except (SignalException, KeyboardInterrupt) as stop:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C: the workers are being stopped
-        # a second Ctrl-C can cut torchrun's wait for its workers short: wait here, then kill
-        _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
-        for child in alive:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun's handler would raise again
+            signal.signal(sig, signal.SIG_IGN)
+        # torchrun stopped its workers, unless a second Ctrl-C cut its wait short: the learner
+        # insists, so whatever is left is killed now, never left training on its own
+        for child in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
         if isinstance(stop, KeyboardInterrupt):  # before torchrun's handler: no worker started yet

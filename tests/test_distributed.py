@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -743,3 +744,44 @@ def test_ctrl_c_ends_the_launch_in_one_line_and_keeps_the_checkpoint(tmp_path: P
     assert newest is not None and f"newest complete checkpoint is {newest}:" in lines[0]
     assert not [p.pid for p in started if p.is_running()]  # no orphan still training
     assert digests(first) == saved and checkpoints.problem(first) is None
+
+
+def test_ctrl_c_pressed_again_leaves_no_worker_running(tmp_path: Path) -> None:
+    """A worker that does not stop: torchrun sends SIGINT, on a second Ctrl-C SIGTERM, each time
+    waiting up to 30 s; a third Ctrl-C cuts that wait short, and the worker is killed, not left
+    running on its own (torchrun's workers are not in the terminal's process group)."""
+    import signal
+
+    import psutil
+
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "selfllm_utils.cli", "torchrun", "--standalone", "--nproc_per_node", "1",
+           "--no-python", "sh", "-c", "trap '' INT TERM; exec sleep 600"]
+
+    def wait_for(text: str) -> None:
+        while text not in log.read_text():
+            assert launcher.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+
+    with log.open("w") as sink:
+        launcher = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        workers: list[psutil.Process] = []
+        try:
+            while not workers:
+                assert launcher.poll() is None, log.read_text()[-3000:]
+                workers = [p for p in psutil.Process(launcher.pid).children() if p.name() == "sleep"]
+                time.sleep(0.1)
+            for then in ("closing signal SIGINT", "closing signal SIGTERM", None):
+                os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C
+                if then:
+                    wait_for(then)
+            status = launcher.wait(timeout=60)
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+            alive = [p for p in workers if p.is_running()]
+            for p in alive:
+                p.kill()
+    said = log.read_text()
+    assert status == 128 + signal.SIGINT and "Traceback" not in said, said[-3000:]
+    assert not alive, "a worker was left running"
