@@ -24,7 +24,9 @@ load without running pickled code, a stranger's checkpoint needs `--trust-checkp
 process (`inference.merge_and_save`): under ZeRO-3 each process holds only slices of the weights.
 
 A mistake in the options or the data, a full disk and Ctrl-C end in one line and a non-zero
-exit (`run`); a process that stops answering ends the launch after `registry.LAUNCH_TIMEOUT_S`.
+exit (`run`; Ctrl-C names the newest complete checkpoint). torchrun itself adds a traceback to a
+Ctrl-C: `selfllm torchrun`, torchrun with the same options, does not (`distributed.torchrun`).
+A process that stops answering ends the launch after `registry.LAUNCH_TIMEOUT_S`.
 
 Besides checkpoints and `adapter/`, rank 0 writes `trainer_state.json`, `run_info.json` (what
 each rank saw: process index, who saves, fingerprints of its training batches) and `probe.pt`

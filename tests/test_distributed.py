@@ -785,3 +785,15 @@ def test_ctrl_c_pressed_again_leaves_no_worker_running(tmp_path: Path) -> None:
     said = log.read_text()
     assert status == 128 + signal.SIGINT and "Traceback" not in said, said[-3000:]
     assert not alive, "a worker was left running"
+
+
+@pytest.mark.parametrize(("worker", "status"), [("exit 0", 0), ("echo broken >&2; exit 3", 1)])
+def test_selfllm_torchrun_is_torchrun_when_nothing_is_interrupted(worker: str, status: int) -> None:
+    """Success is exit 0; a failed worker keeps torchrun's ChildFailedError report (traceback,
+    root cause, the worker's exit code): only an interruption is made quiet."""
+    done = subprocess.run([sys.executable, "-m", "selfllm_utils.cli", "torchrun", "--standalone",
+                           "--nproc_per_node", "1", "--no-python", "sh", "-c", worker],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, done.stderr[-3000:]
+    if status:
+        assert "ChildFailedError" in done.stderr and "exitcode  : 3" in done.stderr, done.stderr[-3000:]
