@@ -9,6 +9,7 @@
                     merged bf16 folder, f16 and quantized GGUF, Ollama Modelfile
     selfllm serve --gguf FILE [--port 8000] [--public] [--timeout S]   OpenAI-compatible API
     selfllm verify-export --tutorial T --adapter PATH --out DIR   the served model answers as trained
+    selfllm torchrun [torchrun's options] -m selfllm_utils.train_zero3 ...   torchrun; Ctrl-C: one line
 """
 
 from __future__ import annotations
@@ -232,6 +233,11 @@ def verify_export(args: argparse.Namespace) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["torchrun"]:  # every later word is torchrun's (argparse would read its options)
+        from . import distributed
+
+        sys.exit(distributed.torchrun(argv[1:]))
     parser = argparse.ArgumentParser(prog="selfllm", description="self-llm fine-tuning course")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("doctor", help="versions, GPU, mode, which tutorials fit")
@@ -274,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True, help="the folder `selfllm export` wrote")
     p.add_argument("--port", type=int, default=8765, help="port of the temporary server")
+    sub.add_parser("torchrun", help="torchrun, same options (notebook 04's launch): Ctrl-C ends in "
+                   "the training script's one line, not torchrun's traceback")
     args = parser.parse_args(argv)
     if args.command == "doctor":
         doctor(as_json=args.json)

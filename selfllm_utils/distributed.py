@@ -9,6 +9,7 @@ in, and the files are built by functions the tests load with DeepSpeed's own par
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -370,3 +371,40 @@ def check_shared_output(folder: Path) -> None:
     if blind:
         raise SystemExit(f"--output {folder}: ranks {blind} do not see what rank 0 writes there; on "
                          "several machines put --output on a filesystem they all share (NFS)")
+
+
+def torchrun(argv: list[str]) -> int:
+    """`torchrun` with the same options (torch's own `torch.distributed.run.main`, in this
+    process), except that Ctrl-C or SIGTERM ends it without torchrun's traceback; returns the
+    exit status.
+
+    torchrun starts each worker in a session of its own, so a terminal's Ctrl-C reaches torchrun
+    alone; it forwards the signal to every worker, waits for them (`TORCH_ELASTIC_SHUTDOWN_TIMEOUT`,
+    30 s, then kills them) and dies of its own `SignalException`: a page of traceback under the
+    one line the training script said (train_zero3: its newest complete checkpoint, `--resume`).
+    Here that exception ends the launch with 128 + the signal's number, as a shell reports a
+    process a signal ended. A failed worker still raises torchrun's `ChildFailedError`, traceback
+    and root-cause table included: only the interruption is quiet.
+    """
+    import signal
+    import sys
+
+    import psutil
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    try:
+        main(argv)
+    except (SignalException, KeyboardInterrupt) as stop:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun's handler would raise again
+            signal.signal(sig, signal.SIG_IGN)
+        # torchrun stopped its workers, unless a second Ctrl-C cut its wait short: the learner
+        # insists, so whatever is left is killed now, never left training on its own
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        if isinstance(stop, KeyboardInterrupt):  # before torchrun's handler: no worker started yet
+            print("selfllm torchrun: interrupted (Ctrl-C) before any worker started", file=sys.stderr)
+            return 128 + signal.SIGINT
+        return 128 + int(stop.sigval)
+    return 0

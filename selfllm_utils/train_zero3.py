@@ -24,7 +24,9 @@ load without running pickled code, a stranger's checkpoint needs `--trust-checkp
 process (`inference.merge_and_save`): under ZeRO-3 each process holds only slices of the weights.
 
 A mistake in the options or the data, a full disk and Ctrl-C end in one line and a non-zero
-exit (`run`); a process that stops answering ends the launch after `registry.LAUNCH_TIMEOUT_S`.
+exit (`run`; Ctrl-C names the newest complete checkpoint). torchrun itself adds a traceback to a
+Ctrl-C: `selfllm torchrun`, torchrun with the same options, does not (`distributed.torchrun`).
+A process that stops answering ends the launch after `registry.LAUNCH_TIMEOUT_S`.
 
 Besides checkpoints and `adapter/`, rank 0 writes `trainer_state.json`, `run_info.json` (what
 each rank saw: process index, who saves, fingerprints of its training batches) and `probe.pt`
@@ -419,6 +421,15 @@ def free_gib(folder: Path) -> float:
     return shutil.disk_usage(folder).free / 2**30
 
 
+def resume_hint(out: Path) -> str:
+    """Where an interrupted run stands and how to continue: the newest complete checkpoint in
+    `out` (a save cut off by the interruption is passed over, as `--resume` does)."""
+    newest = checkpoints.newest_complete(out, say=lambda line: None)
+    if newest is None:
+        return f"no complete checkpoint in {out} yet: run the same command with --resume to start again"
+    return f"the newest complete checkpoint is {newest}: run the same command with --resume to continue from it"
+
+
 def run(argv: list[str] | None = None) -> int:
     """`main` for a terminal; returns the exit status. A mistake in the input, a full disk, any
     other failed file operation or Ctrl-C end in one line on stderr, never a traceback; nothing
@@ -433,7 +444,8 @@ def run(argv: list[str] | None = None) -> int:
         main(argv)
     except KeyboardInterrupt:
         if rank == 0:
-            print(f"train_zero3: interrupted (Ctrl-C); {again}", file=sys.stderr, flush=True)
+            print(f"train_zero3: interrupted (Ctrl-C); {resume_hint(Path(parse_args(argv).output))}",
+                  file=sys.stderr, flush=True)
         return 130
     except ANSWERED as err:
         print(f"{who}: {err}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -685,3 +686,114 @@ def test_machines_without_a_shared_output_folder_are_refused(tmp_path: Path, fre
     said = done[1].stderr + done[1].stdout
     assert "ranks [1] do not see what rank 0 writes there" in said and "NFS" in said
     assert not list(tmp_path.glob("*/checkpoint-*"))  # refused before any training
+
+
+# ------------------------------------------------- Ctrl-C in a terminal, through `selfllm torchrun`
+
+
+def digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_ctrl_c_ends_the_launch_in_one_line_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C is SIGINT to its foreground process group: here the launcher's own
+    group (torchrun puts each worker in a session of its own). Sent once the first checkpoint is
+    complete, it must end the launch with exit 130 and one line naming the interruption, the
+    newest complete checkpoint and --resume; no traceback (torchrun's SignalException), no worker
+    left running, the checkpoint untouched."""
+    import signal
+
+    import psutil
+
+    from selfllm_utils import checkpoints
+
+    if not registry.smoke_mode():
+        pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
+    out, log, every = tmp_path / "run", tmp_path / "log.txt", 3
+    cmd = [sys.executable, "-m", "selfllm_utils.cli", "torchrun", "--standalone", "--nproc_per_node", "2",
+           "-m", "selfllm_utils.train_zero3", "--tutorial", TUTORIAL.key, "--output", str(out),
+           "--max-steps", "1000", "--eval-steps", str(every)]  # the course's pick on CPUs: ddp
+    first = out / f"checkpoint-{every}"
+    with log.open("w") as sink:
+        launcher = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while checkpoints.problem(first) is not None:  # trainer_state.json comes last
+                assert launcher.poll() is None, log.read_text()[-3000:]
+                try:
+                    launcher.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+            saved = digests(first)
+            started = psutil.Process(launcher.pid).children(recursive=True)
+            workers = [p for p in started if "selfllm_utils.train_zero3" in " ".join(p.cmdline())]
+            os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C
+            status = launcher.wait(timeout=120)
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+    said = log.read_text()
+    assert len(workers) == 2, started
+    assert status == 128 + signal.SIGINT, said[-3000:]
+    assert "Traceback" not in said and "SignalException" not in said, said[-3000:]
+    lines = [line for line in said.splitlines() if "interrupted" in line.lower()]
+    assert len(lines) == 1 and "--resume" in lines[0], lines
+    newest = checkpoints.newest_complete(out, say=lambda line: None)
+    assert newest is not None and f"newest complete checkpoint is {newest}:" in lines[0]
+    assert not [p.pid for p in started if p.is_running()]  # no orphan still training
+    assert digests(first) == saved and checkpoints.problem(first) is None
+
+
+def test_ctrl_c_pressed_again_leaves_no_worker_running(tmp_path: Path) -> None:
+    """A worker that does not stop: torchrun sends SIGINT, on a second Ctrl-C SIGTERM, each time
+    waiting up to 30 s; a third Ctrl-C cuts that wait short, and the worker is killed, not left
+    running on its own (torchrun's workers are not in the terminal's process group)."""
+    import signal
+
+    import psutil
+
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "selfllm_utils.cli", "torchrun", "--standalone", "--nproc_per_node", "1",
+           "--no-python", "sh", "-c", "trap '' INT TERM; exec sleep 600"]
+
+    def wait_for(text: str) -> None:
+        while text not in log.read_text():
+            assert launcher.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+
+    with log.open("w") as sink:
+        launcher = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        workers: list[psutil.Process] = []
+        try:
+            while not workers:
+                assert launcher.poll() is None, log.read_text()[-3000:]
+                workers = [p for p in psutil.Process(launcher.pid).children() if p.name() == "sleep"]
+                time.sleep(0.1)
+            for then in ("closing signal SIGINT", "closing signal SIGTERM", None):
+                os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C
+                if then:
+                    wait_for(then)
+            status = launcher.wait(timeout=60)
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+            alive = [p for p in workers if p.is_running()]
+            for p in alive:
+                p.kill()
+    said = log.read_text()
+    assert status == 128 + signal.SIGINT and "Traceback" not in said, said[-3000:]
+    assert not alive, "a worker was left running"
+
+
+@pytest.mark.parametrize(("worker", "status"), [("exit 0", 0), ("echo broken >&2; exit 3", 1)])
+def test_selfllm_torchrun_is_torchrun_when_nothing_is_interrupted(worker: str, status: int) -> None:
+    """Success is exit 0; a failed worker keeps torchrun's ChildFailedError report (traceback,
+    root cause, the worker's exit code): only an interruption is made quiet."""
+    done = subprocess.run([sys.executable, "-m", "selfllm_utils.cli", "torchrun", "--standalone",
+                           "--nproc_per_node", "1", "--no-python", "sh", "-c", worker],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, done.stderr[-3000:]
+    if status:
+        assert "ChildFailedError" in done.stderr and "exitcode  : 3" in done.stderr, done.stderr[-3000:]
