@@ -246,17 +246,18 @@ TUTORIALS: dict[str, Tutorial] = {
 
 # Workshop presets: each tutorial's real training finished in about 10 minutes on one 24 GB GPU.
 # Minutes = one Chat-甄嬛 epoch (3,617 records x 82 tokens) x epochs / (README's tokens/s / 3.5),
-# README's figures measured on one H200 (2026-12-01, the fitted token budget under a 24 GiB or
-# 5.5 GiB cap), assuming an RTX 3090/4090 runs 3-4x slower than a Hopper card (not measured here);
+# README's figures for the course defaults measured on H200s (2026-12-02, compiled layers, the fitted
+# token budget under a 24 GiB or 5.5 GiB cap), assuming an RTX 3090/4090 runs 3-4x slower than a
+# Hopper card (not measured here), plus the first step's compiling (15-25 s on an H200);
 # tested in tests/test_workshop.py. Switch in a notebook with `cfg = registry.WORKSHOP[T.key]`.
 WORKSHOP: dict[str, TrainConfig] = {
-    # 2 epochs instead of 3 at the measured 4,226 tokens/s (5.5 GiB cap): ~8.2 min (3 would be
-    # ~12). Gives up one pass over the data.
-    "deepseek": dataclasses.replace(TUTORIALS["deepseek"].config, num_train_epochs=2),
-    # Unchanged, nothing given up: all 3 epochs at the measured 7,016 tokens/s take ~7.4 min.
+    # Unchanged, nothing given up: all 3 epochs at the measured 8,285 tokens/s (5.5 GiB cap) take
+    # ~6.3 min (before compiled layers, 4,226 tokens/s: 2 epochs, ~8.2 min).
+    "deepseek": dataclasses.replace(TUTORIALS["deepseek"].config),
+    # Unchanged, nothing given up: all 3 epochs at the measured 9,134 tokens/s take ~5.7 min.
     "glm4": dataclasses.replace(TUTORIALS["glm4"].config),
     # Unchanged, nothing given up: it trains on the 91-record identity set, not Chat-甄嬛; at
-    # most ~60 tokens a record, all its epochs at 12,194 tokens/s take about a minute or less.
+    # most ~60 tokens a record, all its epochs at 12,033 tokens/s take about a minute or less.
     "qwen2": dataclasses.replace(TUTORIALS["qwen2"].config),
     # 14B on 24 GB cards: distributed.choose_plan picks ZeRO-3 with offload there, 2,387 tokens/s
     # at 21.3 GiB allocated on one H200 under a 24 GiB cap (README, 2026-12-02): ~7.2 min an

@@ -28,12 +28,11 @@ CHATML_OVERHEAD_TOKENS = 30
 # assumption (3-4x, from their bf16 matmul rates), not a measurement.
 CONSUMER_SLOWDOWN = 3.5
 WORKSHOP_MINUTES = 10.0
-# tokens/s for the recipe each preset uses (README's tables, Chat-甄嬛 lengths): one H200
-# (2026-12-01, the fitted token budget; QLoRA under 5.5 GiB, GLM-4 and Qwen2 under 24 GiB; GLM-4's
-# at its default budget was measured on long chats, the same speed as on Chat-甄嬛 in the other
-# run), except qwen1.5: the 24 GB-card plan (ZeRO-3 with offload) on one H200 under a 24 GiB cap
-# (2026-12-02).
-README_TOKENS_PER_S = {"deepseek": 4_226, "glm4": 7_016, "qwen2": 12_194, "qwen1.5": 2_387}
+# tokens/s for the recipe each preset uses (README's tables, Chat-甄嬛 lengths, the course defaults
+# with compiled layers): H200s on 2026-12-02, the fitted token budget; QLoRA under 5.5 GiB, GLM-4 and
+# Qwen2 under 24 GiB; qwen1.5: the 24 GB-card plan (ZeRO-3 with offload, not compiled) on one H200
+# under a 24 GiB cap.
+README_TOKENS_PER_S = {"deepseek": 8_285, "glm4": 9_134, "qwen2": 12_033, "qwen1.5": 2_387}
 # The knobs a preset may turn: how long it trains, how much a step holds. Never the model, the
 # LoRA targets, the rank or the learning rate: the lesson must stay the same.
 DURATION_FIELDS = {"num_train_epochs", "max_steps", "max_length", "per_device_train_batch_size",
