@@ -1,7 +1,7 @@
 """Chat in the browser with a tutorial's model, or with your own LoRA adapter (a Streamlit app).
 
     selfllm webdemo --adapter output/qwen2-assistant/adapter      # through `run()`
-    streamlit run selfllm_utils/webdemo.py --server.address 127.0.0.1 \
+    streamlit run selfllm_utils/webdemo.py --server.address 127.0.0.1 --runner.fastReruns false \
         --browser.gatherUsageStats false -- --tutorial qwen2 --adapter output/qwen2-assistant/adapter
 
 The seed's `chatBot.py`, grown for a course: the model is loaded once per server and shared by
@@ -18,8 +18,9 @@ or LaTeX in a question or an answer is neither fetched nor drawn. One visitor ca
 server: a message longer than `--max-message-chars` is refused before any tokenizer sees it, wrong
 passwords lock the password page for a minute (per address, not per tab), and Streamlit's
 `/_stcore/metrics` answers 404 (the `st.App` below, which `streamlit run` serves this file through).
-While a question is answered the chat input is disabled: Streamlit keeps only the newest of
-several messages sent during one run, so a second question could vanish unseen.
+The browser disables the chat input from the moment a question is sent until it is answered
+(`submit_mode="disable"`): Streamlit keeps only the newest of the messages that reach the server
+before the script takes one, so questions sent in quick succession vanished unseen.
 
 Streamlit runs this file as a script (`__main__`), so it imports the package absolutely and
 calls `page()` of the imported module: tests patch that module's `generate` to watch the model.
@@ -154,8 +155,10 @@ def command(tutorial: str = "qwen2", adapter: str | Path | None = None, port: in
 
     Headless (no browser is opened on a server), no usage statistics sent, no file watcher
     (nothing to reload on a course machine), no "Deploy" button, no error details for visitors,
-    and bound to `address`: 127.0.0.1 keeps the demo private to the machine; another address
-    (0.0.0.0, where a platform forwards a port, AutoDL's custom service say) needs `public`.
+    one script thread per session (Streamlit's default, `runner.fastReruns`, starts a second one
+    beside a running one, and a burst of 10 questions often lost one), and bound to `address`:
+    127.0.0.1 keeps the demo private to the machine; another address (0.0.0.0, where a platform
+    forwards a port, AutoDL's custom service say) needs `public`.
     `app_args` go to the app (`--max-context`, `--timeout`, `--first-token-timeout`,
     `--max-message-chars`).
     """
@@ -169,7 +172,7 @@ def command(tutorial: str = "qwen2", adapter: str | Path | None = None, port: in
             "--server.address", address, "--server.port", str(port),
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal",
-            "--client.showErrorDetails", "none", "--", *args]
+            "--client.showErrorDetails", "none", "--runner.fastReruns", "false", "--", *args]
 
 
 def serve(tutorial: str = "qwen2", adapter: str | Path | None = None, port: int = 8501,
@@ -450,6 +453,9 @@ def respond(served: Served, history: list[dict[str, str]], question: str, option
     Errors (including a stalled generation, `queue.Empty` after `--timeout` seconds) become a
     message on the page and the server keeps serving: one bad request must not end a demo.
     """
+    refused = too_long(question, "Your message", args.max_message_chars)
+    if refused:
+        return [("error", refused)]
     show("user", question)
     notices: list[Notice] = []
     refused = too_long(options.system, "The system prompt", args.max_message_chars)
@@ -566,11 +572,12 @@ def _quoted(text: str, width: int = 60) -> str:
 def page(args: argparse.Namespace | None = None) -> None:
     """The whole app, run by Streamlit once per interaction of each browser session.
 
-    One question is answered per run, with the chat input disabled: Streamlit keeps only the
-    newest of the messages sent during one run, so an enabled input would lose questions typed
-    in quick succession. Then the page runs again (`st.rerun`), for the next waiting question or
-    to enable the input. An answer cut short by a rerun (a setting changed) is answered again;
-    one cut short by Stop leaves `answering` behind, and the next run says so instead.
+    Each question is answered in the run its message starts, oldest first, and the browser
+    disables the chat input from sending until that run ends (`submit_mode="disable"`): a
+    message sent while the script runs replaced one Streamlit had not handed over yet, so
+    questions typed in quick succession were lost. An answer cut short by a rerun (a setting
+    changed) is answered again; one cut short by Stop leaves `answering` behind, and the next
+    run says so instead.
     """
     args = args or parse_args()
     tutorial = registry.get(args.tutorial)
@@ -597,33 +604,25 @@ def page(args: argparse.Namespace | None = None) -> None:
     if stopped is not None:
         notices.append(("warning", f"Stopped: the answer to {_quoted(stopped)} was not finished and "
                         "is not kept. Send the question again for a new answer."))
-    while waiting:  # drop what will not be answered: empty messages, and too long ones (said)
-        refused = too_long(waiting[0], "Your message", args.max_message_chars)
-        if waiting[0].strip() and not refused:
-            break
-        waiting.pop(0)
-        if refused:
-            notices.append(("error", refused))
-    question = waiting[0].strip() if waiting else None  # it leaves `waiting` when answered
     options = sidebar(served, served.context_limit(args.max_context))
-    busy = question is not None
-    st.chat_input("Answering: wait for this answer" if busy else "Ask something",
-                  key="question", on_submit=_queue, disabled=busy)
+    # not disabled=True while answering: the browser would learn it too late, and Streamlit
+    # drops what a disabled input sends
+    st.chat_input("Ask something", key="question", on_submit=_queue, submit_mode="disable")
     for message in history:
         show(message["role"], message["content"])
     for kind, text in notices:
         getattr(st, kind)(text)
-    if not busy:
-        return
-    state["answering"] = waiting.pop(0).strip()  # no Streamlit call between: no interruption
-    try:
-        notices.extend(respond(served, history, question, options, args))
-    except RerunException:  # a setting changed mid-answer: answer again, with the new one
+    while waiting:
+        question = state["answering"] = waiting.pop(0).strip()  # no Streamlit call between
+        try:
+            said = respond(served, history, question, options, args) if question else []
+        except RerunException:  # a setting changed mid-answer: answer again, with the new one
+            waiting.insert(0, state.pop("answering"))
+            raise
         del state["answering"]
-        waiting.insert(0, question)
-        raise
-    del state["answering"]
-    st.rerun()  # the next waiting question, or the input enabled again
+        for kind, text in said:
+            getattr(st, kind)(text)
+        notices.extend(said)
 
 
 class NoMetrics:

@@ -317,6 +317,7 @@ def test_command_binds_locally_headless_without_usage_stats(tmp_path):
     assert cmd[cmd.index("--") + 1:] == ["--tutorial", "qwen2"]
     assert webdemo.parse_args(cmd[cmd.index("--") + 1:]).tutorial == "qwen2"
     assert args["--client.showErrorDetails"] == "none"  # no traceback for visitors
+    assert args["--runner.fastReruns"] == "false"  # one script thread per session
     with pytest.raises(ValueError, match="--public"):
         webdemo.command(address="0.0.0.0")  # other machines only when asked for
     assert webdemo.command(address="0.0.0.0", public=True)[cmd.index("--server.address") + 1] == "0.0.0.0"
@@ -373,11 +374,12 @@ def test_stop_ends_the_answer_and_a_later_click_does_not_answer_again(app, calls
 
     monkeypatch.setattr(webdemo, "generate", stopped)
     at = ask(app(f"--tutorial {TINY}"), QUESTION)
-    assert at.chat_input[0].disabled  # no second question while one is answered (it would be lost)
+    # the browser takes no second question while one is answered (Streamlit could lose one)
+    assert at.chat_input[0].proto.submit_mode == at.chat_input[0].proto.SUBMIT_MODE_DISABLE
     assert history(at) == []
     monkeypatch.setattr(webdemo, "generate", real)
     at.slider(key="temperature").set_value(0.5).run()
-    assert calls == [] and history(at) == [] and not at.chat_input[0].disabled
+    assert calls == [] and history(at) == []
     assert "Stopped" in at.warning[0].value and QUESTION in at.warning[0].value
     ask(at, "again")
     assert [m["content"] for m in history(at)][::2] == ["again"] and not at.warning

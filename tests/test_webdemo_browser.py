@@ -190,6 +190,40 @@ def test_markup_in_a_message_fetches_nothing_and_draws_nothing(tiny_server, brow
     assert MARKUP in messages(page)[0]  # shown as typed
 
 
+QUICK = [f"Question {n} of 10: say {n}." for n in range(1, 11)]
+
+
+def test_ten_questions_sent_without_waiting_are_all_answered_in_order(tiny_server, browser):
+    """Sent back to back, questions were lost without a word (0 to 7 of 10 answered here).
+    Each is typed as soon as the input takes text again (`fill` waits for an enabled input);
+    none waits for an answer."""
+    from playwright.sync_api import expect
+
+    url, _ = tiny_server
+    page = browser.new_context().new_page()
+    page.goto(url)
+    box = page.get_by_test_id("stChatInputTextArea")
+    expect(box).to_be_visible(timeout=ANSWER_TIMEOUT_MS)
+    wait_idle(page)
+    max_new_tokens = page.get_by_test_id("stSidebar").get_by_role("slider").first
+    max_new_tokens.press("Home")  # answers of one token: quick, and never past the context
+    expect(max_new_tokens).to_have_value("1")
+    wait_idle(page)
+    for question in QUICK:
+        box.fill(question, timeout=ANSWER_TIMEOUT_MS)
+        box.press("Enter")
+    with contextlib.suppress(AssertionError):  # a lost question never shows: the count stays short
+        expect(page.get_by_test_id("stChatMessage")).to_have_count(2 * len(QUICK),
+                                                                  timeout=ANSWER_TIMEOUT_MS)
+    expect(box).to_be_enabled()  # nothing left to answer
+    wait_idle(page)
+    shown = messages(page)
+    asked = [next((q for q in QUICK if q in text), text) for text in shown[::2]]
+    assert asked == QUICK and len(shown) == 2 * len(QUICK), asked  # each answered, in order
+    alerts = page.get_by_test_id("stAlert").all_inner_texts()
+    assert len(alerts) == 1 and webdemo.NO_ADAPTER in alerts[0], alerts  # the banner, no notice
+
+
 def test_metrics_are_closed(tiny_server):
     """`/_stcore/metrics` answered anyone, password or not (the password page is in the app)."""
     url, _ = tiny_server
