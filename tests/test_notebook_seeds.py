@@ -60,7 +60,7 @@ def test_the_report_is_read_back_and_summarized(bench) -> None:
     report, errors = bench.read_report(cells)
     assert report["eval_after"] == after and errors == [{"cell": "a", "error": "AssertionError: x"}]
     rows = [{"data": "bakery", "seed": s, "report": {"eval_after": {**after, "identity_share": v}},
-             "errors": []} for s, v in ((1, 0.5), (2, 1.0), (3, 0.75))]
+             "errors": []} for s, v in ((1, 0.5), (2, 1.0), (3, 1.0))]
     table = bench.summary(rows)
-    assert "after.identity_share" in table and "min 0.500  median 0.750" in table
+    assert "after.identity_share" in table and "min 0.500  median 1.000" in table
     assert "before.stop_share" not in table  # not measured: not in the table
