@@ -3,8 +3,9 @@ folder, and the table. Running the notebook is the benchmark's job, not this fil
 
 from __future__ import annotations
 
-import importlib.util
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,11 +15,8 @@ PATH = registry.repo_root() / "benchmarks" / "notebook_seeds.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("notebook_seeds", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench() -> SimpleNamespace:
+    return SimpleNamespace(**runpy.run_path(str(PATH)))  # the script's functions, without running main
 
 
 def _code(nb: dict) -> str:
