@@ -39,6 +39,9 @@ class Report:
     heldout_loss: float | None = None  # mean loss of the held-out reference answers' tokens
     token_accuracy: float | None = None
     answers: dict[str, str] = field(default_factory=dict)
+    # questions of each kind asked ({"identity": 5, "ordinary": 5}): the shares' denominators. With
+    # 2 (a learner's small data split), one answer moves a share by a half: too few to judge it
+    asked: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,7 +205,8 @@ def _evaluate(model, tokenizer, tutorial: Tutorial, label: str, smoke: bool, hel
 
     return Report(label, len(asked), max_new, sum(r.stopped for r in replies) / len(replies),
                   sum(len(r.token_ids) for r in replies) / len(replies), share("identity", True),
-                  share("ordinary", False), loss, accuracy, answers)
+                  share("ordinary", False), loss, accuracy, answers,
+                  {kind: sum(r.get("kind") == kind for r in asked) for kind in ("identity", "ordinary")})
 
 
 def draw(reports: list[Report]):

@@ -80,6 +80,7 @@ def test_shares_count_replies(monkeypatch):
     assert report.mean_new_tokens == pytest.approx(sum(len(r.token_ids) for r in replies.values()) / len(replies))
     assert report.heldout_loss is None and report.token_accuracy is None
     assert report.answers[ordinary[0]] == f"我是{name}"
+    assert report.asked == {"identity": len(identity), "ordinary": len(ordinary)}  # the shares' denominators
 
 
 def torch_module():
@@ -219,3 +220,4 @@ def test_a_split_off_heldout_is_asked_with_its_system_prompt_and_history(monkeyp
     report = evaluation.evaluate(torch_module(), None, registry.get("qwen2"), smoke_mode=True, heldout=held)
     assert asked == [data.to_messages(record)[:-1]]
     assert (report.identity_share, report.ordinary_share, report.heldout_loss) == (1.0, None, 1.0)
+    assert report.asked == {"identity": 1, "ordinary": 0}

@@ -25,15 +25,21 @@ OUT = Path({out!r})
 '''
 
 
-def own_data_notebook(out: Path) -> dict:
-    """Notebook 03 with its marked cell replaced by the bakery's values; the cells that only a
-    learner runs by hand (a server that runs until stopped: NBVAL_SKIP) are left out, as nbval does."""
+def course_notebook() -> dict:
+    """Notebook 03 as nbval runs it: the cells that only a learner runs by hand (a server that runs
+    until stopped: NBVAL_SKIP) are left out."""
     nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    nb["cells"] = [c for c in nb["cells"]
+                   if not (c["cell_type"] == "code" and "NBVAL_SKIP" in "".join(c["source"]))]
+    return nb
+
+
+def own_data_notebook(out: Path) -> dict:
+    """`course_notebook` with its marked cell replaced by the bakery's values, as a learner would."""
+    nb = course_notebook()
     cells = {c.get("id"): c for c in nb["cells"]}
     assert "DATA = " in "".join(cells["your-data"]["source"])  # the one cell a learner edits
     cells["your-data"]["source"] = "from pathlib import Path\n" + OWN_DATA.format(out=str(out))
-    nb["cells"] = [c for c in nb["cells"]
-                   if not (c["cell_type"] == "code" and "NBVAL_SKIP" in "".join(c["source"]))]
     return nb
 
 
