@@ -400,9 +400,11 @@ def torchrun(argv: list[str]) -> int:
             signal.signal(sig, signal.SIG_IGN)
         # torchrun stopped its workers, unless a second Ctrl-C cut its wait short: the learner
         # insists, so whatever is left is killed now, never left training on its own
-        for child in psutil.Process().children(recursive=True):
+        left = psutil.Process().children(recursive=True)
+        for child in left:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
+        psutil.wait_procs(left, timeout=10)  # reaped here: no zombie outlives the launch
         if isinstance(stop, KeyboardInterrupt):  # before torchrun's handler: no worker started yet
             print("selfllm torchrun: interrupted (Ctrl-C) before any worker started", file=sys.stderr)
             return 128 + signal.SIGINT
