@@ -437,8 +437,8 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
                            "sequences a batch, padded to the longest")
     ckpt = cfg.gradient_checkpointing
     # compiled layers: on a GPU that can (training.can_compile), one process without ZeRO (the
-    # runs measured); measured on one H200 (2026-12-02, README): DeepSeek-7B QLoRA 1.40x the
-    # tokens/s, GLM-4-9B under 24 GiB 1.19x, Qwen2-7B 1.02x, about 20 s of compiling in the first step
+    # runs measured); measured on H200s (2026-12-02, README; each ratio within one run): DeepSeek-7B QLoRA 1.40x the
+    # tokens/s, GLM-4-9B under 24 GiB 1.19x, Qwen2-7B 1.02x, a first step of 14-26 s (4.2 s plain)
     if cfg.compile_layers is None and gib is not None:
         from . import training  # here: importing the Trainer is slow, and a budget on a CPU needs none
 

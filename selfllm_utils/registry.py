@@ -248,7 +248,7 @@ TUTORIALS: dict[str, Tutorial] = {
 # Minutes = one Chat-甄嬛 epoch (3,617 records x 82 tokens) x epochs / (README's tokens/s / 3.5),
 # README's figures for the course defaults measured on H200s (2026-12-02, compiled layers, the fitted
 # token budget under a 24 GiB or 5.5 GiB cap), assuming an RTX 3090/4090 runs 3-4x slower than a
-# Hopper card (not measured here), plus the first step's compiling (15-25 s on an H200);
+# Hopper card (not measured here), plus the first step's compiling (a first step of 14-26 s on an H200);
 # tested in tests/test_workshop.py. Switch in a notebook with `cfg = registry.WORKSHOP[T.key]`.
 WORKSHOP: dict[str, TrainConfig] = {
     # Unchanged, nothing given up: all 3 epochs at the measured 8,285 tokens/s (5.5 GiB cap) take
