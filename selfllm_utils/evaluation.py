@@ -25,6 +25,11 @@ ROWS = ("stop_share", "identity_share", "ordinary_share", "token_accuracy", "hel
         "mean_new_tokens")
 
 
+# A share judged over fewer questions than this is printed, not asserted: with 2, one answer moves
+# it by a half (notebook 03 on a learner's 18 records, benchmarks/notebook_seeds.py, 2026-12-02).
+MIN_ASKED = 3
+
+
 @dataclass
 class Report:
     """What one model did on the held-out set; None where the tutorial's lesson has no such number."""
@@ -45,6 +50,10 @@ class Report:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def too_few(self, least: int = MIN_ASKED) -> dict[str, int]:
+        """The kinds of question asked, but fewer than `least` times: their shares say little."""
+        return {kind: n for kind, n in self.asked.items() if 0 < n < least}
 
     def scalars(self, prefix: str = "heldout/") -> dict[str, float]:
         """The numbers, named for a run's event log (`records.add_scalars`)."""

@@ -221,3 +221,12 @@ def test_a_split_off_heldout_is_asked_with_its_system_prompt_and_history(monkeyp
     assert asked == [data.to_messages(record)[:-1]]
     assert (report.identity_share, report.ordinary_share, report.heldout_loss) == (1.0, None, 1.0)
     assert report.asked == {"identity": 1, "ordinary": 0}
+
+
+def test_shares_over_too_few_questions_are_named() -> None:
+    """Report.too_few: the kinds asked at least once but fewer than MIN_ASKED times (notebook 03
+    prints those shares instead of asserting them)."""
+    report = evaluation.Report("after", 4, 8, 1.0, 3.0, 0.5, 0.5, asked={"identity": 2, "ordinary": 0})
+    assert report.too_few() == {"identity": 2}  # none asked: no share at all, nothing to judge
+    report.asked["ordinary"] = evaluation.MIN_ASKED
+    assert report.too_few() == {"identity": 2} and report.too_few(least=1) == {}

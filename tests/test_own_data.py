@@ -61,3 +61,4 @@ def test_notebook_03_runs_on_a_learners_own_data(tmp_path: Path) -> None:
     texts = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "1 skipped" in texts and "(records 10)" in texts  # the broken record, named by its line
     assert "split off your data" in texts  # no held-out file: said so
+    assert "too few held-out questions to judge" in texts  # 2 + 2 questions: shares said, not asserted
