@@ -14,7 +14,8 @@ in a fresh process so memory figures do not mix. Run on a GPU machine:
 
 Printed per configuration: tokens/s of real (non-pad) tokens, peak allocated and reserved GPU
 memory beside `memory.estimate_memory`'s estimate at the chosen budget, MFU against the bf16 matmul
-rate measured in the same run, and the per-step losses (quality check: same data, same steps).
+rate measured in the same run, the per-step losses (quality check: same data, same steps), each
+step's real tokens and seconds, and how many graphs compiling made.
 """
 
 from __future__ import annotations
@@ -408,9 +409,20 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         "host_gib": round(trainer.offload.host_bytes / 2**30, 2) if getattr(trainer, "offload", None) else None,
         "estimate_host_gib": round(est.host_gib, 2) if est and hasattr(est, "host_gib") else None,
         "pinned_host_peak_gib": pinned_peak_gib(), "compiled": bool(getattr(trainer, "compiled", None)),
+        "graphs": compiled_graphs(),  # Dynamo graphs made while training: more means recompiling
         # the untimed warm-up: allocation, autotuning and, with compiled layers, the compilation
         "first_step_s": round(clock.times[0] - started, 1), "warmup_s": round(clock.times[WARMUP_STEPS - 1] - started, 1),
+        # each step's real tokens and seconds: a nearly empty last pack in the timed steps shows here
+        "step_tokens": [sum(counts[i * accumulation:(i + 1) * accumulation]) for i in range(len(clock.times))],
+        "step_s": [round(b - a, 3) for a, b in zip([started] + clock.times, clock.times)],
     }
+
+
+def compiled_graphs() -> int:
+    """How many graphs Dynamo made in this process (0 without compiling)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def pinned_peak_gib() -> float | None:
