@@ -413,9 +413,15 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         # the untimed warm-up: allocation, autotuning and, with compiled layers, the compilation
         "first_step_s": round(clock.times[0] - started, 1), "warmup_s": round(clock.times[WARMUP_STEPS - 1] - started, 1),
         # each step's real tokens and seconds: a nearly empty last pack in the timed steps shows here
-        "step_tokens": [sum(counts[i * accumulation:(i + 1) * accumulation]) for i in range(len(clock.times))],
-        "step_s": [round(b - a, 3) for a, b in zip([started] + clock.times, clock.times)],
+        **dict(zip(("step_tokens", "step_s"), per_step(counts, accumulation, started, clock.times))),
     }
+
+
+def per_step(counts: list[int], accumulation: int, started: float, ends: list[float]) -> tuple[list, list]:
+    """Each optimizer step's real tokens (its `accumulation` micro-batches) and seconds (the
+    first from the start of training, so it holds the warm-up and any compiling)."""
+    tokens = [sum(counts[i * accumulation:(i + 1) * accumulation]) for i in range(len(ends))]
+    return tokens, [round(b - a, 3) for a, b in zip([started] + ends, ends)]
 
 
 def compiled_graphs() -> int:

@@ -22,6 +22,13 @@ def bench():
     return module
 
 
+def test_per_step_figures_group_micro_batches_and_time_each_step(bench) -> None:
+    """Steps of 2 micro-batches ending at 10.5, 12.0 and 12.25 s of a run started at 10.0 s."""
+    tokens, seconds = bench.per_step([5, 7, 100, 1, 3, 0], 2, 10.0, [10.5, 12.0, 12.25])
+    assert tokens == [12, 101, 3]
+    assert seconds == [0.5, 1.5, 0.25]
+
+
 def test_every_configuration_names_a_tutorial_and_a_quant(bench) -> None:
     for name, (key, quant, cfg, opts) in bench.CONFIGS.items():
         assert name.startswith(key), name
