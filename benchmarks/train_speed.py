@@ -21,6 +21,7 @@ step's real tokens and seconds, and how many graphs compiling made.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import importlib.util
 from dataclasses import replace
@@ -30,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from selfllm_utils import registry
@@ -64,6 +66,8 @@ CONFIGS: dict[str, tuple] = {
                                     {"mix": mix, "trl": True, "pack_tokens": n})
            for n in ((4096, 8192) if mix != "long" else (8192, 16384))},
         f"glm4-course-24g-{mix}": ("glm4", "bf16", _course(GLM4, mix), {"mix": mix, "cap_gib": 24}),
+        # uncapped, so no recomputation: what checkpointing costs GLM-4 under 24 GiB
+        f"glm4-course-{mix}": ("glm4", "bf16", _course(GLM4, mix), {"mix": mix}),
         # with the checkpointed activations offloaded a 4,096-token example fits 5.5 GiB in 4-bit
         # (without, memory.token_budget refuses it and a 6 GB card cuts long chats at 2,048)
         f"deepseek-qlora-course-{mix}": ("deepseek", "4bit", _course(DEEPSEEK, mix), {"mix": mix, "cap_gib": 5.5}),
@@ -208,7 +212,8 @@ def build_random_model(tutorial, folder: Path) -> Path:
 
 
 def profiled(steps: range, out: Path):
-    """Trainer callback: torch.profiler over `steps`, the kernel table written to `out`.
+    """Trainer callback: torch.profiler over `steps`, the kernel table written to `out` and the
+    timeline beside it (`.trace.json`).
 
     The profiler leaves CUDA tracing attached: every later step of the process ran about half
     as fast on an H100. Never read tokens/s from a profiled run.
@@ -224,24 +229,66 @@ def profiled(steps: range, out: Path):
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                torch.profiler.ProfilerActivity.CUDA])
                 self.prof.__enter__()
+                self.caught = warnings.catch_warnings(record=True)
+                self.syncs = self.caught.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")  # each host-device sync: a warning naming its line
                 self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             if self.prof is not None and state.global_step == steps.stop:
+                torch.cuda.set_sync_debug_mode(0)
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - self.t0
+                self.caught.__exit__(None, None, None)
+                syncs = collections.Counter(f"{w.filename}:{w.lineno}" for w in self.syncs
+                                            if "synchroniz" in str(w.message))
                 self.prof.__exit__(None, None, None)
+                self.prof.export_chrome_trace(str(out.with_suffix(".trace.json")))  # for chrome://tracing
                 events = self.prof.key_averages()
                 # kernels only: an operator's row repeats the time of the kernels it launched
                 gpu = sum(e.self_device_time_total for e in events
                           if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+                split = kernel_split([(e.name, e.time_range.start, e.time_range.end) for e in self.prof.events()
+                                      if e.device_type == torch.autograd.DeviceType.CUDA])
                 out.write_text(f"wall {wall:.3f} s for {len(steps)} steps, GPU kernels {gpu:.3f} s\n"
+                               + json.dumps({"wall_s": round(wall, 3), **split}) + "\n"
                                + events.table(sort_by="self_device_time_total", row_limit=25)
                                + "\nby CPU time (what the host spends launching them):\n"
-                               + events.table(sort_by="self_cpu_time_total", row_limit=20))
+                               + events.table(sort_by="self_cpu_time_total", row_limit=20)
+                               + "\nhost-device syncs (where the host waits and the launch queue runs dry):\n"
+                               + "\n".join(f"{n:4d} {where}" for where, n in syncs.most_common()) + "\n")
                 self.prof = None
 
     return CB()
+
+
+# first match wins: flash attention's kernels carry cutlass in their template names
+KERNEL_KINDS = {"attention": ("flash", "fmha", "attention"), "matmul": ("gemm", "nvjet", "cutlass", "xmma")}
+NOT_KERNELS = ("command buffer full",)  # the profiler's mark for a host waiting on a full launch queue
+
+
+def kernel_split(kernels: list[tuple[str, float, float]]) -> dict:
+    """Seconds of the GPU's profiled kernels (name, start and end in microseconds) by kind, and
+    `busy_s`: the time at least one kernel other than a copy ran. Copies run on their own engine
+    (offloading's go on a side stream), so summing every kernel's time overstates how busy the
+    GPU was; wall time minus `busy_s` is when it computed nothing."""
+    split = dict.fromkeys(["copy_s", *(f"{k}_s" for k in KERNEL_KINDS), "other_s"], 0.0)
+    compute = []
+    for name, start, end in kernels:
+        low = name.lower()
+        if low in NOT_KERNELS:
+            continue
+        kind = "copy" if low.startswith(("memcpy", "memset")) else next(
+            (k for k, words in KERNEL_KINDS.items() if any(w in low for w in words)), "other")
+        split[f"{kind}_s"] += (end - start) / 1e6
+        if kind != "copy":
+            compute.append((start, end))
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(compute):  # the union of the compute kernels' intervals
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return {"busy_s": round(busy / 1e6, 3), **{k: round(v, 3) for k, v in split.items()}}
 
 
 def counting(collate, counts: list[int]):
@@ -547,8 +594,8 @@ def main() -> None:
     tflops = matmul_tflops()
     print(json.dumps(check_varlen()), flush=True)
     print(json.dumps(check_offload()), flush=True)
-    names = args.only.split(",") if args.only else list(CONFIGS)
     profiles = [n for n in args.profile.split(",") if n]
+    names = args.only.split(",") if args.only else [] if profiles else list(CONFIGS)  # --profile alone: only it
     runs = [(n, False) for n in names] + [(n, True) for n in profiles]
     losses: dict[str, list[float]] = {}
     for i, (name, profile) in enumerate(runs):

@@ -29,6 +29,18 @@ def test_per_step_figures_group_micro_batches_and_time_each_step(bench) -> None:
     assert seconds == [0.5, 1.5, 0.25]
 
 
+def test_profiled_kernels_split_by_kind_and_count_overlap_once(bench) -> None:
+    """A matmul 0-0.4 s overlapping attention 0.3-0.5 s, a copy 0.45-0.9 s on the side stream
+    (not compute) and a norm 1.0-1.1 s (times in microseconds, as the profiler gives them):
+    0.6 s of compute, each kind its own time."""
+    split = bench.kernel_split([("nvjet_tst_192x192_64x4_h_bz_TNT", 0.0, 4e5),
+                                ("void pytorch_flash::flash_bwd_kernel<cutlass::bfloat16_t>", 3e5, 5e5),
+                                ("Command Buffer Full", 2e6, 3e6),  # the host waiting: no kernel
+                                ("Memcpy DtoH (Device -> Pinned)", 4.5e5, 9e5),
+                                ("triton_red_fused_rms_norm_0", 1e6, 1.1e6)])
+    assert split == {"busy_s": 0.6, "copy_s": 0.45, "matmul_s": 0.4, "attention_s": 0.2, "other_s": 0.1}
+
+
 def test_every_configuration_names_a_tutorial_and_a_quant(bench) -> None:
     for name, (key, quant, cfg, opts) in bench.CONFIGS.items():
         assert name.startswith(key), name
