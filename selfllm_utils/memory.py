@@ -36,7 +36,9 @@ Offloaded activations (`offload_activations`, with checkpointing; `training.Offl
     instead, and only OFFLOAD_IN_FLIGHT of them are on the GPU at a time (the one being copied
     out, or the next one coming back). The host then holds every layer's input and a few more
     saved tensors of the same size (the final norm's input, the loss's): (layers + 2) copies, in
-    pinned buffers of 256 MiB that hold as many whole copies as fit: `host_gib`.
+    pinned buffers of 256 MiB that hold as many whole copies as fit: `host_gib`. With the
+    embedding table on the CPU, `host_gib` also holds one micro-batch of its rows (2*h bytes a
+    token, pinned on the way to the GPU).
 
 Checked against `torch.cuda.max_memory_allocated` on an H100 (DeepSeek-7B shape, random
 weights, the course's `models.load_model` + `add_lora` + `training.make_trainer`): within
@@ -174,7 +176,7 @@ class MemoryEstimate:
     logits_gib: float
     overhead_gib: float
     lora_params: int
-    host_gib: float = 0.0  # pinned host memory the offloaded activations take (not in total_gib)
+    host_gib: float = 0.0  # pinned host memory: offloaded activations, embedding rows (not in total_gib)
     total_gib: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -190,7 +192,7 @@ class MemoryEstimate:
                 ("overhead", self.overhead_gib, "CUDA context, workspaces"),
                 ("total", self.total_gib, "")]
         if self.host_gib:
-            rows.append(("host RAM", self.host_gib, "offloaded activations, pinned (not GPU memory)"))
+            rows.append(("host RAM", self.host_gib, "pinned: offloaded activations, embedding rows (not GPU memory)"))
         lines = [self.setting] + [f"  {name:<12}{gib:7.2f} GiB  {note}" for name, gib, note in rows]
         return "\n".join(lines)
 
@@ -267,14 +269,17 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
         params = 0.0 if offload else params / num_gpus
     activations, logits = _activation_bytes(ref, tokens, quant, gradient_checkpointing, liger, offload_activations)
     host = 0.0
+    if embeddings_on_cpu and not ref.get("tie_word_embeddings"):  # a micro-batch's rows, pinned on
+        # their way to the GPU (models.CpuEmbedding), in one of PyTorch's power-of-two pinned blocks
+        host += 2 ** math.ceil(math.log2(tokens * ref["hidden_size"] * 2))
     if offload_activations:  # copies cut from reused pinned buffers (training.OffloadActivations)
         from .training import OFFLOAD_CHUNK_BYTES
 
         copies, copy = ref["num_hidden_layers"] + OFFLOAD_EXTRA_COPIES, tokens * ref["hidden_size"] * 2
         if copy > OFFLOAD_CHUNK_BYTES:
-            host = copies * 2 ** math.ceil(math.log2(copy))  # a buffer of its own each
+            host += copies * 2 ** math.ceil(math.log2(copy))  # a buffer of its own each
         else:
-            host = math.ceil(copies / (OFFLOAD_CHUNK_BYTES // (-(-copy // 512) * 512))) * OFFLOAD_CHUNK_BYTES
+            host += math.ceil(copies / (OFFLOAD_CHUNK_BYTES // (-(-copy // 512) * 512))) * OFFLOAD_CHUNK_BYTES
     setting = (f"{t.key}, {quant}, {tokens:,} tokens a batch, LoRA r={lora_r}, "
                f"{'checkpointing' if gradient_checkpointing else 'no checkpointing'}, {optimizer}"
                + (f", ZeRO-{zero_stage} on {num_gpus} GPU(s)" if zero_stage else "")

@@ -233,7 +233,13 @@ class CpuEmbedding(torch.nn.Module):
         self.num_embeddings, self.embedding_dim = self.weight.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(ids.cpu(), self.weight).to(ids.device)
+        if not ids.is_cuda:
+            return torch.nn.functional.embedding(ids, self.weight)
+        # the rows land in pinned memory and go over without the host waiting for the copy
+        # (PyTorch keeps a pinned block until its copy is done before it hands the block out again)
+        rows = torch.empty(ids.numel(), self.embedding_dim, dtype=self.weight.dtype, pin_memory=True)
+        torch.index_select(self.weight, 0, ids.cpu().flatten(), out=rows)
+        return rows.view(*ids.shape, self.embedding_dim).to(ids.device, non_blocking=True)
 
 
 def embeddings_to_cpu(model) -> int:

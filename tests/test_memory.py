@@ -101,9 +101,10 @@ COURSE_OVER = {True: 1.05, False: 1.10}
 MEASURED_H200_OFFLOAD = [(4096, 4.80, 1.00), (4864, 4.95, 1.19), (5120, 5.00, 1.25), (6144, 5.19, 1.50)]
 OFFLOAD_OVER = 1.06  # the estimate was 5.1-5.4% above those peaks
 # GLM-4-9B under 24 GiB with offloading forced on at 16,384 tokens (same day): 20.80 GiB allocated,
-# 5.62 GiB copied out, 5.75 GiB pinned. The estimate is 2% under that peak: inside MARGIN, and
-# token_budget leaves offloading off there (no speed gain measured).
-MEASURED_H200_OFFLOAD_GLM4 = (16384, 20.80, 5.62, 5.75)
+# 5.62 GiB copied out, 5.75 GiB pinned. The estimate is 2% under that peak: inside MARGIN.
+# Since the embedding rows go over from pinned memory (models.CpuEmbedding; compiled layers, two
+# runs later that day): 20.55 allocated, 5.62 copied out, 5.88 pinned (one 128 MiB block more).
+MEASURED_H200_OFFLOAD_GLM4 = (16384, 20.80, 5.62, 5.88)
 # The course's path with compiled layers (training.CompiledLayers), same benchmark, one H200,
 # 2026-12-02 (README): (tutorial, quant, tokens, checkpointing, offloaded, peak allocated GiB).
 # Compiling moved the peaks by -0.26 to +0.20 GiB; GLM-4 offloaded is the one 1% under its estimate.
@@ -152,7 +153,8 @@ def test_estimate_matches_offloaded_activations_on_an_h200(tokens: int, peak: fl
     assert peak <= allocated < peak * OFFLOAD_OVER
     assert host <= est.host_gib < 2 * host  # the pinned allocator's power-of-two blocks
     kept = memory.estimate_memory("deepseek", "4bit", tokens, **kw)  # the same step without offloading
-    assert kept.total_gib - est.total_gib > 0.9 * host and kept.host_gib == 0
+    rows = tokens * 4096 * 2 / 2**30  # one micro-batch of embedding rows, pinned on their way over
+    assert kept.total_gib - est.total_gib > 0.9 * host and rows <= kept.host_gib < 2 * rows
 
 
 def test_estimate_of_offloaded_glm4_is_within_the_margin() -> None:
@@ -160,7 +162,7 @@ def test_estimate_of_offloaded_glm4_is_within_the_margin() -> None:
     est = memory.estimate_memory("glm4", "bf16", tokens, optimizer="adamw_torch_fused", liger=True,
                                  embeddings_on_cpu=True, offload_activations=True)
     assert peak * (1 - memory.MARGIN / 2) < est.total_gib - est.overhead_gib < peak * OFFLOAD_OVER
-    assert copied <= est.host_gib and est.host_gib >= pinned
+    assert copied <= est.host_gib and pinned - 0.005 <= est.host_gib < pinned * OFFLOAD_OVER
 
 
 def test_offloading_needs_checkpointing_and_one_process() -> None:

@@ -318,3 +318,19 @@ def test_weights_missing_tensors_are_refused_not_random(model_copy: Path) -> Non
         models.load_model(registry.get(PARTIAL_KEY), path=model_copy)
     assert f"lack {len(gone)} tensor(s)" in str(err.value) and gone[0] in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.gpu
+def test_cpu_embedding_rows_survive_the_next_lookup_while_their_copy_waits() -> None:
+    """Rows go to the GPU from pinned memory without the host waiting for the copy: a second
+    lookup, made while the first copy still waits behind GPU work, must not overwrite it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    table = torch.randn(1000, 64).to(torch.bfloat16)
+    lookup, on_gpu = models.CpuEmbedding(table), table.cuda()
+    ids = [torch.randint(0, 1000, (1, 300), device="cuda") for _ in range(3)]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU work queued before the copies
+    rows = [lookup(i) for i in ids]
+    for got, i in zip(rows, ids):
+        assert torch.equal(got, on_gpu[i])

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 from types import SimpleNamespace
 
 import datasets
 import pytest
 import torch
-from transformers import DataCollatorForSeq2Seq
+from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from selfllm_utils import data, formatting, models, registry, smoke, training
 
@@ -168,7 +169,24 @@ def test_trainer_loss_falls_and_curve_is_saved(packing: bool, smoke_models, iden
     expected = training.PackedCollator if packing else DataCollatorForSeq2Seq
     assert isinstance(trainer.data_collator, expected)
     assert (trainer.pack_report is not None) == packing
+    counts: list[int] = []
+    collate = trainer.data_collator
+
+    def counted(features):
+        counts.append(sum(len(ids) for f in features for ids in training.sequences(f)))
+        return collate(features)
+
+    trainer.data_collator = counted
+    frozen = []  # objects kept from the collector at each step end (FrozenGC)
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            frozen.append(gc.get_freeze_count())
+
+    trainer.add_callback(Watch())
     trainer.train()
+    assert frozen[0] > 0 and gc.get_freeze_count() == 0  # frozen after step 1, undone at the end
+    assert trainer.state.num_input_tokens_seen == sum(counts)  # real tokens: the tokens/s logged
     curve = trainer.loss_curve
     assert curve.steps == list(range(1, TRAIN_STEPS + 1))  # logging_steps=1 in smoke mode
     assert curve.losses[-1] < curve.losses[0] - MIN_LOSS_DROP
@@ -211,6 +229,13 @@ def test_training_args_map_the_config(tmp_path) -> None:
     assert args.remove_unused_columns is False  # packed batches carry position_ids, no mask
     assert args.report_to == ["tensorboard"]  # runs recorded offline, in the run folder (records.py)
     assert args.include_num_input_tokens_seen == "non_padding"  # for the tokens/s beside each loss
+    # packed: CourseTrainer counts the tokens itself, without waiting for the GPU
+    packed = training.training_args(dataclasses.replace(cfg, packing=True), tmp_path)
+    assert packed.include_num_input_tokens_seen == "no"
+    # nothing else in a step waits for the GPU: no NaN check of each loss, batches copied from pinned memory
+    assert args.logging_nan_inf_filter is False and args.accelerator_config.non_blocking is True
+    launched = training.training_args(cfg, tmp_path, accelerator_config={"even_batches": False})
+    assert launched.accelerator_config.even_batches is False and launched.accelerator_config.non_blocking
     if not torch.cuda.is_available():
         assert args.bf16 is False and args.use_liger_kernel is False
     assert training.training_args(cfg, tmp_path, learning_rate=0.5).learning_rate == 0.5  # overrides win
@@ -289,6 +314,28 @@ def test_fast_lora_leaves_zero3_partitioned_layers_to_peft(smoke_models) -> None
     layer = next(m for m in peft_model.modules() if training.FastLora.applies(m))
     layer.lora_B["default"].weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned weight
     assert not training.FastLora.applies(layer)
+
+
+@pytest.mark.gpu
+def test_step_clock_times_each_step_when_the_gpu_has_done_it() -> None:
+    """On a GPU the clock does not wait at each step end (the host runs ahead while the GPU
+    works); the times it reports are still those at which the GPU finished each step."""
+    import time
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    clock = training.StepClock()
+    clock.on_train_begin(None, None, None)
+    start = time.perf_counter()
+    for _ in range(3):
+        torch.cuda._sleep(100_000_000)  # a step's GPU work, tens of milliseconds
+        clock.on_step_end(None, None, None)
+    queued = time.perf_counter()  # the host is back long before the GPU is done
+    times = clock.times
+    done = time.perf_counter()
+    steps = [b - a for a, b in zip([start] + times, times)]
+    assert queued - start < min(steps) and all(s > 0 for s in steps)
+    assert times[-1] <= done + 1e-3
 
 
 def test_tokens_per_second_leaves_out_warmup_and_eval_gaps() -> None:
