@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import gc
 import importlib.util
 from dataclasses import replace
 import json
@@ -346,7 +347,7 @@ def run_unsloth(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     ds = ds.map(lambda ex: {"completion_mask": [int(x != -100) for x in ex["labels"]]})
     ds = ds.remove_columns(["labels", "attention_mask"])
     args = SFTConfig(output_dir=str(workdir / name), per_device_train_batch_size=1, gradient_accumulation_steps=1,
-                     max_steps=steps, learning_rate=cfg.learning_rate, logging_steps=1, bf16=True, packing=True,
+                     max_steps=steps, learning_rate=cfg.learning_rate, logging_steps=cfg.logging_steps, bf16=True, packing=True,
                      packing_strategy="bfd", padding_free=True, max_length=n, optim="adamw_8bit",
                      report_to="none", save_strategy="no", completion_only_loss=True, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
@@ -354,11 +355,12 @@ def run_unsloth(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     clock = training.StepClock()
     trainer.data_collator = counting(trainer.data_collator, counts)
     trainer.add_callback(clock)
+    losses_of = step_losses(trainer, 1)
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     tps = training.tokens_per_second({"ranks": [{"tokens": counts, "step_times": clock.times}]}, 1,
                                      warmup=WARMUP_STEPS)
-    losses = list(training.logged(trainer).values())
+    losses = losses_of()
     return {"config": name, "gpu": torch.cuda.get_device_name(0), "mix": opts["mix"], "tokens_per_s": round(tps),
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
@@ -396,7 +398,7 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     else:  # what a learner gets: the budget fitted to this card (or the cap)
         budget = memory.token_budget(tutorial, cfg, quant, gpu_gib=cap)
         cfg = budget.config
-    cfg = replace(cfg, max_steps=steps, logging_steps=1, save_steps=10**6,
+    cfg = replace(cfg, max_steps=steps, save_steps=10**6,  # logging as a learner's run does
                   use_liger=cfg.use_liger and not trl)
     mean = MIXES[opts["mix"]][0]
     step_tokens = (cfg.batch_tokens or SAME_TOKENS) * cfg.gradient_accumulation_steps if cfg.packing or \
@@ -423,17 +425,20 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
             trainer.data_collator = padded_packs(tokenizer)
     trainer.data_collator = counting(trainer.data_collator, counts)
     trainer.add_callback(clock)
+    accumulation = 1 if trl else cfg.gradient_accumulation_steps
+    losses_of = step_losses(trainer, accumulation)
     if os.environ.get("SELFLLM_PROFILE"):  # set by --profile for a run of its own
         # kernel table of steps 2-3, inside the untimed warm-up (later steps run slower: don't time it)
         trainer.add_callback(profiled(range(1, 3), Path(os.environ["SELFLLM_PROFILE"]) / f"{name}.txt"))
+    pauses = gc_pauses()
     started = time.perf_counter()
     trainer.train()
+    gc.callbacks.clear()
     # the same reader as the ZeRO-3 runs (benchmarks/zero3_gpu.py): steps after the warm-up only
-    accumulation = 1 if trl else cfg.gradient_accumulation_steps
     run = {"ranks": [{"tokens": counts, "step_times": clock.times}]}
     tps = training.tokens_per_second(run, accumulation, warmup=WARMUP_STEPS)
     timed = sum(counts[WARMUP_STEPS * accumulation:steps * accumulation])
-    losses = list(training.logged(trainer).values())
+    losses = losses_of()
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     if quant == "4bit":  # packed 4-bit weights count two parameters per byte
         n_params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1)
@@ -460,8 +465,43 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         # the untimed warm-up: allocation, autotuning and, with compiled layers, the compilation
         "first_step_s": round(clock.times[0] - started, 1), "warmup_s": round(clock.times[WARMUP_STEPS - 1] - started, 1),
         # each step's real tokens and seconds: a nearly empty last pack in the timed steps shows here
+        # Python's garbage collections while training: the host pauses, the GPU waits
+        "gc_s": round(sum(s for _, s in pauses), 3), "gc_full": sum(g == 2 for g, _ in pauses),
+        "gc_max_s": round(max((s for _, s in pauses), default=0.0), 3),
         **dict(zip(("step_tokens", "step_s"), per_step(counts, accumulation, started, clock.times))),
     }
+
+
+def step_losses(trainer, accumulation: int):
+    """Record each optimizer step's loss as the Trainer would log it, without logging every step:
+    a log reads the loss back (`.item()`), so the host waits for the GPU, which then idles while
+    the next batch is prepared. Returns a function that reads the losses once training is over."""
+    micro: list = []
+    train_step = trainer.training_step
+
+    def step(*args, **kwargs):
+        loss = train_step(*args, **kwargs)
+        micro.append(loss.detach())  # stays on the GPU: no waiting
+        return loss
+
+    trainer.training_step = step
+    return lambda: [sum(float(x) for x in micro[i:i + accumulation]) for i in range(0, len(micro), accumulation)]
+
+
+def gc_pauses() -> list[tuple[int, float]]:
+    """Each garbage collection from now on, as (generation, seconds): while the host collects,
+    nothing new reaches the GPU."""
+    pauses: list[tuple[int, float]] = []
+    began: list[float] = []
+
+    def timed(phase: str, info: dict) -> None:
+        if phase == "start":
+            began.append(time.perf_counter())
+        elif began:
+            pauses.append((info["generation"], time.perf_counter() - began.pop()))
+
+    gc.callbacks.append(timed)
+    return pauses
 
 
 def per_step(counts: list[int], accumulation: int, started: float, ends: list[float]) -> tuple[list, list]:
@@ -499,7 +539,7 @@ def trl_trainer(model, tokenizer, ds, tutorial, cfg, opts, out):
 
     args = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=1,
-        max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, logging_steps=1, bf16=True,
+        max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, logging_steps=cfg.logging_steps, bf16=True,
         packing=True, packing_strategy="bfd", padding_free=True, max_length=opts["pack_tokens"],
         gradient_checkpointing=False, use_liger_kernel=True,
         report_to="none", save_strategy="no", completion_only_loss=True, disable_tqdm=True,

@@ -93,6 +93,29 @@ def test_padded_packs_pad_the_course_packs(bench, smoke_models) -> None:
     assert counts == [sum(len(ids) for ids in packed[0]["input_ids"])]  # real tokens, not pads
 
 
+def test_step_losses_are_the_losses_a_log_every_step_shows(bench, smoke_models, identity_records,
+                                                          tmp_path) -> None:
+    """The benchmark logs as a learner does (every 10 steps); the losses it records for each
+    step without logging are the ones logging every step would show, accumulation included."""
+    import datasets
+
+    from selfllm_utils import data, formatting, models, training
+
+    tutorial = registry.get("qwen2")
+    cfg = dataclasses.replace(registry.smoke_config(tutorial), max_steps=3, logging_steps=1,
+                              per_device_train_batch_size=2, gradient_accumulation_steps=2, packing=False)
+    model, tokenizer = smoke_models.model("qwen2")
+    ds = datasets.Dataset.from_list(identity_records[:8], features=data.FEATURES)
+    train_ds, _ = formatting.build_dataset(ds, tokenizer, tutorial, system="")
+    trainer = training.make_trainer(models.add_lora(model, tutorial, cfg), tokenizer, train_ds, cfg,
+                                    tmp_path, disable_tqdm=True)
+    losses_of = bench.step_losses(trainer, cfg.gradient_accumulation_steps)
+    trainer.train()
+    logged = list(training.logged(trainer).values())
+    assert len(logged) == cfg.max_steps and len(set(logged)) > 1
+    assert losses_of() == pytest.approx(logged, abs=1e-4)  # the log rounds to 4 digits
+
+
 @pytest.fixture(scope="module")
 def zero3_bench():
     path = registry.repo_root() / "benchmarks" / "zero3_gpu.py"
@@ -116,3 +139,15 @@ def test_the_multi_gpu_runs_are_the_plans_the_readme_names(zero3_bench) -> None:
             if suffix == "-24g":  # planned for 24 GiB cards: offload on one or two, as its docstring says
                 plan = distributed.choose_plan(t, t.config, gpu_gib=args.gpu_gib, num_gpus=n)
                 assert (plan.name == "zero3-offload") == (n < 4)
+
+
+def test_gc_pauses_record_each_collection_and_its_generation(bench) -> None:
+    import gc
+
+    pauses = bench.gc_pauses()
+    try:
+        gc.collect(0)
+        gc.collect(2)
+    finally:
+        gc.callbacks.clear()
+    assert [g for g, _ in pauses] == [0, 2] and all(s >= 0 for _, s in pauses)
