@@ -466,8 +466,11 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         "first_step_s": round(clock.times[0] - started, 1), "warmup_s": round(clock.times[WARMUP_STEPS - 1] - started, 1),
         # each step's real tokens and seconds: a nearly empty last pack in the timed steps shows here
         # Python's garbage collections while training: the host pauses, the GPU waits
-        "gc_s": round(sum(s for _, s in pauses), 3), "gc_full": sum(g == 2 for g, _ in pauses),
-        "gc_max_s": round(max((s for _, s in pauses), default=0.0), 3),
+        "gc_s": round(sum(s for _, _, s in pauses), 3), "gc_full": sum(g == 2 for g, _, _ in pauses),
+        "gc_max_s": round(max((s for _, _, s in pauses), default=0.0), 3),
+        # those the host began after the untimed warm-up ended on the GPU (it runs ahead of the
+        # GPU by less than a step): what the timed steps may have lost to collecting
+        "gc_timed_s": round(sum(s for _, t, s in pauses if t > clock.times[WARMUP_STEPS - 1]), 3),
         **dict(zip(("step_tokens", "step_s"), per_step(counts, accumulation, started, clock.times))),
     }
 
@@ -488,17 +491,18 @@ def step_losses(trainer, accumulation: int):
     return lambda: [sum(float(x) for x in micro[i:i + accumulation]) for i in range(0, len(micro), accumulation)]
 
 
-def gc_pauses() -> list[tuple[int, float]]:
-    """Each garbage collection from now on, as (generation, seconds): while the host collects,
-    nothing new reaches the GPU."""
-    pauses: list[tuple[int, float]] = []
+def gc_pauses() -> list[tuple[int, float, float]]:
+    """Each garbage collection from now on, as (generation, perf_counter() at its start, seconds):
+    while the host collects, nothing new reaches the GPU."""
+    pauses: list[tuple[int, float, float]] = []
     began: list[float] = []
 
     def timed(phase: str, info: dict) -> None:
         if phase == "start":
             began.append(time.perf_counter())
         elif began:
-            pauses.append((info["generation"], time.perf_counter() - began.pop()))
+            start = began.pop()
+            pauses.append((info["generation"], start, time.perf_counter() - start))
 
     gc.callbacks.append(timed)
     return pauses

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -144,10 +145,15 @@ def test_the_multi_gpu_runs_are_the_plans_the_readme_names(zero3_bench) -> None:
 def test_gc_pauses_record_each_collection_and_its_generation(bench) -> None:
     import gc
 
+    junk = [[i] for i in range(300_000)]  # a full collection has these to walk: it takes a while
     pauses = bench.gc_pauses()
     try:
         gc.collect(0)
+        before = time.perf_counter()
         gc.collect(2)
+        after = time.perf_counter()
     finally:
         gc.callbacks.clear()
-    assert [g for g, _ in pauses] == [0, 2] and all(s >= 0 for _, s in pauses)
+    assert [g for g, _, _ in pauses] == [0, 2] and len(junk) == 300_000
+    generation, start, seconds = pauses[1]
+    assert before <= start and 0 < seconds and start + seconds <= after  # when it began, how long
