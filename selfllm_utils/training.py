@@ -822,8 +822,8 @@ class FrozenGC(TrainerCallback):
     """Keep Python's full garbage collections from stalling the GPU.
 
     A full collection walks every object the process holds, and after loading and compiling a
-    model those are many: on an H200 (GLM-4-9B, 24 GiB, 2026-12-02) 3-4 of them paused the host
-    up to 0.37-0.53 s each while training, and the GPU ran dry. After the first step (the
+    model those are many: on an H200 (GLM-4-9B, 24 GiB, 2026-12-02) a run made 3-4 of them, the
+    longest pausing the host 0.37-0.53 s while the GPU ran dry. After the first step (the
     compilation) everything alive is moved out of the collector's reach (`gc.freeze`); what
     training makes afterwards is collected as usual. Undone when training ends.
     """
