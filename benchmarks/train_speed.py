@@ -430,10 +430,9 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     if os.environ.get("SELFLLM_PROFILE"):  # set by --profile for a run of its own
         # kernel table of steps 2-3, inside the untimed warm-up (later steps run slower: don't time it)
         trainer.add_callback(profiled(range(1, 3), Path(os.environ["SELFLLM_PROFILE"]) / f"{name}.txt"))
-    pauses = gc_pauses()
     started = time.perf_counter()
-    trainer.train()
-    gc.callbacks.clear()
+    with gc_pauses() as pauses:
+        trainer.train()
     # the same reader as the ZeRO-3 runs (benchmarks/zero3_gpu.py): steps after the warm-up only
     run = {"ranks": [{"tokens": counts, "step_times": clock.times}]}
     tps = training.tokens_per_second(run, accumulation, warmup=WARMUP_STEPS)
@@ -491,9 +490,10 @@ def step_losses(trainer, accumulation: int):
     return lambda: [sum(float(x) for x in micro[i:i + accumulation]) for i in range(0, len(micro), accumulation)]
 
 
-def gc_pauses() -> list[tuple[int, float, float]]:
-    """Each garbage collection from now on, as (generation, perf_counter() at its start, seconds):
-    while the host collects, nothing new reaches the GPU."""
+@contextlib.contextmanager
+def gc_pauses():
+    """Each garbage collection inside the block, as (generation, perf_counter() at its start,
+    seconds): while the host collects, nothing new reaches the GPU."""
     pauses: list[tuple[int, float, float]] = []
     began: list[float] = []
 
@@ -505,7 +505,10 @@ def gc_pauses() -> list[tuple[int, float, float]]:
             pauses.append((info["generation"], start, time.perf_counter() - start))
 
     gc.callbacks.append(timed)
-    return pauses
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(timed)
 
 
 def per_step(counts: list[int], accumulation: int, started: float, ends: list[float]) -> tuple[list, list]:

@@ -146,14 +146,12 @@ def test_gc_pauses_record_each_collection_and_its_generation(bench) -> None:
     import gc
 
     junk = [[i] for i in range(300_000)]  # a full collection has these to walk: it takes a while
-    pauses = bench.gc_pauses()
-    try:
+    with bench.gc_pauses() as pauses:
         gc.collect(0)
         before = time.perf_counter()
         gc.collect(2)
         after = time.perf_counter()
-    finally:
-        gc.callbacks.clear()
+    gc.collect(0)  # after the block: not recorded
     assert [g for g, _, _ in pauses] == [0, 2] and len(junk) == 300_000
     generation, start, seconds = pauses[1]
     assert before <= start and 0 < seconds and start + seconds <= after  # when it began, how long
