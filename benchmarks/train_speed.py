@@ -21,6 +21,7 @@ step's real tokens and seconds, and how many graphs compiling made.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import contextlib
 import gc
@@ -100,6 +101,12 @@ CONFIGS: dict[str, tuple] = {
         f"glm4-compile-offload-24g-{mix}": ("glm4", "bf16", replace(_course(GLM4, mix), compile_layers=True,
                                             offload_activations=True), {"mix": mix, "cap_gib": 24}),
     }.items()},
+    # A/B of two defaults under 24 GiB: the last layer recomputed like the others (before
+    # 2026-12-03), and no FrozenGC (the garbage collector scanning every object of compiling)
+    **{f"qwen2-24g-recomputelast-{mix}": ("qwen2", "bf16", _course(QWEN2, mix),
+                                          {"mix": mix, "cap_gib": 24, "recompute_last": True}) for mix in MIXES},
+    "qwen2-24g-nofrozengc-chat": ("qwen2", "bf16", _course(QWEN2, "chat"),
+                                  {"mix": "chat", "cap_gib": 24, "frozen_gc": False}),
     # Unsloth as an anchor (its own process, its own path: FastLanguageModel, its SFTTrainer, its
     # checkpointing "unsloth" that offloads to host memory), packed to these lengths, adamw_8bit;
     # the cap is set after its 4-bit load
@@ -355,6 +362,8 @@ def run_unsloth(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     clock = training.StepClock()
     trainer.data_collator = counting(trainer.data_collator, counts)
     trainer.add_callback(clock)
+    host_ends = host_step_ends()
+    trainer.add_callback(host_ends)
     losses_of = step_losses(trainer, 1)
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -418,13 +427,19 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
 
         transformers.set_seed(cfg.seed)  # the same LoRA matrices on both sides of a quality pair
         peft_model = models.add_lora(model, tutorial, cfg)
+        if opts.get("recompute_last"):
+            peft_model.get_base_model().model.layers[-1].gradient_checkpointing = True
         if opts.get("padded_packs"):
             ds, _ = training.pack_dataset(ds, SAME_TOKENS)
         trainer = training.make_trainer(peft_model, tokenizer, ds, cfg, workdir / name, disable_tqdm=True)
         if opts.get("padded_packs"):
             trainer.data_collator = padded_packs(tokenizer)
+        if opts.get("frozen_gc") is False:
+            trainer.remove_callback(training.FrozenGC)
     trainer.data_collator = counting(trainer.data_collator, counts)
     trainer.add_callback(clock)
+    host_ends = host_step_ends()
+    trainer.add_callback(host_ends)
     accumulation = 1 if trl else cfg.gradient_accumulation_steps
     losses_of = step_losses(trainer, accumulation)
     if os.environ.get("SELFLLM_PROFILE"):  # set by --profile for a run of its own
@@ -470,6 +485,10 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         # those the host began after the untimed warm-up ended on the GPU (it runs ahead of the
         # GPU by less than a step): what the timed steps may have lost to collecting
         "gc_timed_s": round(sum(s for _, t, s in pauses if t > clock.times[WARMUP_STEPS - 1]), 3),
+        # (step, generation, seconds) of each pause over 10 ms, by the step the host was preparing
+        "gc_steps": gc_by_step(pauses, host_ends.times),
+        # the allocator freed its cache and tried again (each time the GPU is waited for)
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
         **dict(zip(("step_tokens", "step_s"), per_step(counts, accumulation, started, clock.times))),
     }
 
@@ -509,6 +528,28 @@ def gc_pauses():
         yield pauses
     finally:
         gc.callbacks.remove(timed)
+
+
+def host_step_ends():
+    """Trainer callback: `.times` holds perf_counter() as the host ends each optimizer step (it
+    runs ahead of the GPU by less than a step)."""
+    from transformers import TrainerCallback
+
+    class CB(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter())
+
+    return CB()
+
+
+def gc_by_step(pauses: list[tuple[int, float, float]], host_ends: list[float],
+               min_s: float = 0.01) -> list[tuple[int, int, float]]:
+    """(1-based step the host was in, generation, seconds) of each pause of at least `min_s`."""
+    return [(bisect.bisect_left(host_ends, start) + 1, gen, round(s, 3))
+            for gen, start, s in pauses if s >= min_s]
 
 
 def per_step(counts: list[int], accumulation: int, started: float, ends: list[float]) -> tuple[list, list]:

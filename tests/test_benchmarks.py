@@ -47,7 +47,8 @@ def test_every_configuration_names_a_tutorial_and_a_quant(bench) -> None:
         assert name.startswith(key), name
         registry.get(key)
         assert quant in ("bf16", "4bit") and isinstance(cfg, registry.TrainConfig)
-        assert set(opts) <= {"trl", "unsloth", "pack_tokens", "cap_gib", "steps", "mix", "padded_packs"}, name
+        assert set(opts) <= {"trl", "unsloth", "pack_tokens", "cap_gib", "steps", "mix", "padded_packs",
+                             "recompute_last", "frozen_gc"}, name
         assert opts["mix"] in bench.MIXES, name
         assert bool(opts.get("trl") or opts.get("unsloth")) == ("pack_tokens" in opts), name
 
@@ -155,3 +156,19 @@ def test_gc_pauses_record_each_collection_and_its_generation(bench) -> None:
     assert [g for g, _, _ in pauses] == [0, 2] and len(junk) == 300_000
     generation, start, seconds = pauses[1]
     assert before <= start and 0 < seconds and start + seconds <= after  # when it began, how long
+
+
+def test_gc_pauses_are_placed_in_the_step_the_host_was_in(bench) -> None:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    clock = bench.host_step_ends()
+    args, state = TrainingArguments(output_dir="/tmp/unused", report_to=[]), TrainerState()
+    ends = []
+    for _ in range(3):
+        clock.on_step_end(args, state, TrainerControl())
+        ends.append(time.perf_counter())
+    assert clock.times == sorted(clock.times) and len(clock.times) == 3 and clock.times[-1] <= ends[-1]
+    host = [1.0, 2.0, 3.0]
+    pauses = [(2, 0.5, 0.2), (0, 1.5, 0.001), (2, 2.5, 0.3), (1, 3.5, 0.05)]
+    # step 1 until 1.0, step 2 until 2.0, ...; a pause after the last end belongs to the next step
+    assert bench.gc_by_step(pauses, host) == [(1, 2, 0.2), (3, 2, 0.3), (4, 1, 0.05)]

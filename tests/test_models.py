@@ -202,6 +202,8 @@ def test_add_lora_trains_with_gradient_checkpointing(smoke_models, monkeypatch, 
     blocks = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
     assert blocks and all(m._gradient_checkpointing_func.keywords == {"use_reentrant": False}
                           for m in blocks)
+    layers = list(base.model.layers)
+    assert [m for m in blocks if m in layers] == layers[:-1]  # all but the last (see the test below)
     assert base.get_input_embeddings()(_batch(tokenizer)["input_ids"]).requires_grad
     assert peft_model.config.use_cache is False  # no KV cache in training (packing needs it off)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -209,6 +211,52 @@ def test_add_lora_trains_with_gradient_checkpointing(smoke_models, monkeypatch, 
     assert 0 < trainable / total < MAX_TRAINABLE_SHARE_TINY
     _train_step(peft_model, tokenizer)
     _check_lora_grads(peft_model)
+
+
+def _layer_forwards(peft_model, tokenizer) -> tuple[list[int], torch.Tensor, dict]:
+    """One training step: how often each decoder layer ran forward, the loss, the LoRA grads."""
+    layers = list(peft_model.base_model.model.model.layers)
+    runs = [0] * len(layers)
+    # as the MLP starts: a recomputation reruns the layer's forward (not always its own hooks)
+    # and stops once it has what backward needs
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+             for i, layer in enumerate(layers)]
+    peft_model.train()
+    loss = peft_model(**_batch(tokenizer)).loss
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    return runs, loss.detach(), grads
+
+
+@pytest.mark.parametrize("quant", ["bf16", "4bit"])
+def test_checkpointing_recomputes_every_layer_but_the_last(smoke_models, quant: str) -> None:
+    """Backward recomputes each checkpointed layer once; the last one's forward, which backward
+    would repeat right after the loss, is kept instead. Loss and LoRA gradients stay the same."""
+    import dataclasses
+
+    tutorial = registry.get(KEY)
+    cfg = registry.smoke_config(tutorial)
+    model, tokenizer = smoke_models.model(KEY, quant=quant)
+    torch.manual_seed(0)
+    peft_model = models.add_lora(model, tutorial, cfg)
+    for name, p in peft_model.named_parameters():  # non-zero B, so every A gets gradient too
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    runs, loss, grads = _layer_forwards(peft_model, tokenizer)
+    assert len(runs) > 1 and runs == [2] * (len(runs) - 1) + [1]
+    peft_model.base_model.model.model.layers[-1].gradient_checkpointing = True  # all recomputed
+    peft_model.zero_grad()
+    runs_all, loss_all, grads_all = _layer_forwards(peft_model, tokenizer)
+    assert runs_all == [2] * len(runs)
+    assert torch.equal(loss, loss_all)
+    assert grads.keys() == grads_all.keys() and all(torch.equal(grads[n], grads_all[n]) for n in grads)
+    # offloaded activations: the last layer is recomputed too, or all it saves would go to host memory
+    offloaded = dataclasses.replace(cfg, offload_activations=True)
+    model, tokenizer = smoke_models.model(KEY, quant=quant)
+    runs, _, _ = _layer_forwards(models.add_lora(model, tutorial, offloaded), tokenizer)
+    assert runs == [2] * len(runs)
 
 
 @pytest.mark.parametrize("quant", ["bf16", "4bit"])
