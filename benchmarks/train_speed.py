@@ -362,8 +362,6 @@ def run_unsloth(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     clock = training.StepClock()
     trainer.data_collator = counting(trainer.data_collator, counts)
     trainer.add_callback(clock)
-    host_ends = host_step_ends()
-    trainer.add_callback(host_ends)
     losses_of = step_losses(trainer, 1)
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
