@@ -418,11 +418,11 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     counts: list[int] = []  # real tokens of each micro-batch, in order
     clock = training.StepClock()  # the time each optimizer step ends
     torch.cuda.reset_peak_memory_stats()
+    import transformers
+
     if trl:
         trainer = trl_trainer(model, tokenizer, ds, tutorial, cfg, opts, workdir / name)
     else:
-        import transformers
-
         transformers.set_seed(cfg.seed)  # the same LoRA matrices on both sides of a quality pair
         peft_model = models.add_lora(model, tutorial, cfg)
         if opts.get("recompute_last"):
@@ -458,6 +458,7 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     est = budget.estimate if budget and not trl else None  # TRL packs its own lengths
     return {
         "config": name, "gpu": torch.cuda.get_device_name(0), "mix": opts["mix"], "tokens_per_s": round(tps),
+        "transformers": transformers.__version__,  # from 5.23 the checkpoint runs inside the compiled layer
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "estimate_allocated_gib": round(est.total_gib - est.overhead_gib, 2) if est else None,
