@@ -466,7 +466,7 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     est = budget.estimate if budget and not trl else None  # TRL packs its own lengths
     return {
         "config": name, "gpu": torch.cuda.get_device_name(0), "mix": opts["mix"], "tokens_per_s": round(tps),
-        "transformers": transformers.__version__,  # from 5.23 the checkpoint runs inside the compiled layer
+        "transformers": transformers.__version__,  # 5.23+ checkpoints inside a compiled layer (checkpoint_inside)
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "estimate_allocated_gib": round(est.total_gib - est.overhead_gib, 2) if est else None,

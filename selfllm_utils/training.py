@@ -893,7 +893,7 @@ class CompiledLayers(TrainerCallback):
         for layer in self.checkpointed:
             layer.gradient_checkpointing = False  # transformers' own checkpoint would run inside
             layer._compiled_call_impl = functools.partial(self._around, layer, layer._compiled_call_impl,
-                                                layer._gradient_checkpointing_func)
+                                                          layer._gradient_checkpointing_func)
 
     @staticmethod
     def _around(layer, compiled, checkpoint, *args, **kwargs):
