@@ -662,11 +662,18 @@ def test_compiled_layers_keep_the_checkpoint_around_the_compiled_call(smoke_mode
     if inside and "__call__" in vars(GradientCheckpointingLayer):
         pytest.skip("transformers < 5.23 checkpoints around the layer's call: nothing runs inside")
     products: dict[str, list[int]] = {"forward": [], "backward": []}  # LoRA products in each graph
+    runs = {"forward": 0, "backward": 0}  # how often the graphs ran
 
     def counting(kind: str):
         def compile_graph(gm, example_inputs):
             products[kind].append(sum(n.target is torch.ops.selfllm.lora_linear.default for n in gm.graph.nodes))
-            return make_boxed_func(gm.forward)
+            graph = make_boxed_func(gm.forward)
+
+            def run(args):
+                runs[kind] += 1
+                return graph(args)
+            run._boxed_call = True
+            return run
         return compile_graph
 
     model, tokenizer = _lora_model(KEY, smoke_models, gradient_checkpointing=True)
@@ -687,11 +694,14 @@ def test_compiled_layers_keep_the_checkpoint_around_the_compiled_call(smoke_mode
     fast.on_train_end(None, None, None)
     layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     assert [m.gradient_checkpointing for m in layers] == [True] * (len(layers) - 1) + [False]  # restored
+    n = model.config.num_hidden_layers
     if inside:
         assert sorted(products["forward"]) == [per_layer, per_layer], products
         assert sorted(products["backward"]) == [0, per_layer - 1], products
-    else:
+        assert runs == {"forward": n, "backward": n}, runs
+    else:  # the forward graph runs again for every layer but the last: the recompute
         assert products == {"forward": [per_layer], "backward": [0]}, products
+        assert runs == {"forward": 2 * n - 1, "backward": n}, runs
 
 
 def _grad_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
