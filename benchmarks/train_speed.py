@@ -107,12 +107,13 @@ CONFIGS: dict[str, tuple] = {
                                           {"mix": mix, "cap_gib": 24, "recompute_last": True}) for mix in MIXES},
     "qwen2-24g-nofrozengc-chat": ("qwen2", "bf16", _course(QWEN2, "chat"),
                                   {"mix": "chat", "cap_gib": 24, "frozen_gc": False}),
-    # the checkpoint inside each compiled layer (transformers >= 5.23's place, training.CompiledLayers):
-    # faster, but the memory estimate does not model its peak yet (run it with transformers >= 5.23)
-    **{f"{m}-ckptinside-{mix}": (m.split("-")[0], q, _course(R.get(m.split("-")[0]), mix),
-                                 {"mix": mix, "cap_gib": cap, "checkpoint_inside": True})
+    # the checkpoint inside each compiled layer or around it (training.CompiledLayers), set by hand
+    # (memory.token_budget picks inside where it fits INSIDE_MIN_SHARE of the step around)
+    **{f"{m}-ckpt{place}-{mix}": (m.split("-")[0], q, replace(_course(R.get(m.split("-")[0]), mix),
+                                                              checkpoint_inside=place == "inside"),
+                                  {"mix": mix, "cap_gib": cap})
        for m, q, cap in (("qwen2-24g", "bf16", 24), ("glm4-24g", "bf16", 24), ("deepseek-qlora", "4bit", 5.5))
-       for mix in MIXES},
+       for place in ("inside", "around") for mix in MIXES},
     # Unsloth as an anchor (its own process, its own path: FastLanguageModel, its SFTTrainer, its
     # checkpointing "unsloth" that offloads to host memory), packed to these lengths, adamw_8bit;
     # the cap is set after its 4-bit load
@@ -204,7 +205,10 @@ def synthetic_dataset(n: int, vocab: int, mix: str = "chat"):
 
 
 def build_random_model(tutorial, folder: Path) -> Path:
-    """Save a random-weight model of the full-size shape, with the family's stand-in tokenizer."""
+    """Save a random-weight model of the full-size shape, with the family's stand-in tokenizer
+    (into a side folder renamed when complete: a run stopped mid-save leaves no half folder)."""
+    import shutil
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -218,8 +222,11 @@ def build_random_model(tutorial, folder: Path) -> Path:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
     del model
     torch.cuda.empty_cache()
     return folder
@@ -440,8 +447,6 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
             trainer.data_collator = padded_packs(tokenizer)
         if opts.get("frozen_gc") is False:
             trainer.remove_callback(training.FrozenGC)
-        if opts.get("checkpoint_inside") and trainer.compiled:
-            trainer.compiled.checkpoint_inside = True
     trainer.data_collator = counting(trainer.data_collator, counts)
     trainer.add_callback(clock)
     host_ends = host_step_ends()
@@ -466,7 +471,8 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     est = budget.estimate if budget and not trl else None  # TRL packs its own lengths
     return {
         "config": name, "gpu": torch.cuda.get_device_name(0), "mix": opts["mix"], "tokens_per_s": round(tps),
-        "transformers": transformers.__version__,  # 5.23+ checkpoints inside a compiled layer (checkpoint_inside)
+        "transformers": transformers.__version__,
+        "checkpoint_inside": bool(getattr(trainer, "compiled", None) and trainer.compiled.checkpoint_inside),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "estimate_allocated_gib": round(est.total_gib - est.overhead_gib, 2) if est else None,

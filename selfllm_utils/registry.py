@@ -103,6 +103,10 @@ class TrainConfig:
     # each decoder layer compiled with torch.compile while training (training.CompiledLayers,
     # CUDA only): fewer, fused kernels, far less Python a step; None: memory.token_budget decides
     compile_layers: bool | None = False
+    # with compiled layers, the checkpoint inside each compiled layer instead of around it: the
+    # backward recomputes only what it reads, faster, more memory (training.CompiledLayers);
+    # None: memory.token_budget decides
+    checkpoint_inside: bool | None = False
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, ok, rule in (
@@ -132,7 +136,7 @@ SEED_QWEN2 = TrainConfig(lora_dropout=0.1)
 # builds the [tokens x 152k vocab] logits; checkpointing only where the card needs it.
 COURSE = TrainConfig(gradient_accumulation_steps=1, learning_rate=2e-4, packing=True,
                      gradient_checkpointing=None, optim="adamw_torch_fused", use_liger=True,
-                     offload_activations=None, compile_layers=None)
+                     offload_activations=None, compile_layers=None, checkpoint_inside=None)
 
 
 @dataclass(frozen=True)
@@ -248,7 +252,8 @@ TUTORIALS: dict[str, Tutorial] = {
 # Minutes = one Chat-甄嬛 epoch (3,617 records x 82 tokens) x epochs / (README's tokens/s / 3.5),
 # README's figures for the course defaults measured on H200s (2026-12-02, compiled layers, the fitted
 # token budget under a 24 GiB or 5.5 GiB cap), assuming an RTX 3090/4090 runs 3-4x slower than a
-# Hopper card (not measured here), plus the first step's compiling (a first step of 14-26 s on an H200);
+# Hopper card (not measured here), plus the first step's compiling (a first step of 14-34 s on an H200,
+# the checkpoint around the compiled layers, as these short runs keep it: memory.INSIDE_MIN_STEPS);
 # tested in tests/test_workshop.py. Switch in a notebook with `cfg = registry.WORKSHOP[T.key]`.
 WORKSHOP: dict[str, TrainConfig] = {
     # Unchanged, nothing given up: all 3 epochs at the measured 8,285 tokens/s (5.5 GiB cap) take

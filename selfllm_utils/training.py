@@ -871,44 +871,53 @@ class CompiledLayers(TrainerCallback):
     first step. `OffloadActivations` and `FastLora` work through it unchanged, as torchtune and
     Unsloth compile per layer too. `self.layers` lists the layers it compiled.
 
-    The checkpoint stays around the compiled layer on every transformers version (5.23 and later
-    would put it inside): the memory estimate is calibrated for that. Inside (`checkpoint_inside`),
-    the backward recomputes only what it reads (no down projection), Qwen2-7B under 24 GiB ran 8%
-    faster, but peaks rose 1.0-1.4 GiB and 4-bit DeepSeek-7B ran out of its 5.5 GiB (H200, 2026-12-03).
+    This callback places the checkpoint itself, the same on every transformers version (before
+    5.23 transformers checkpointed around a layer's call, from 5.23 its forward, inside what is
+    compiled). Around the compiled layer (the default) the recompute runs the whole compiled
+    forward again. Inside (`checkpoint_inside`, `TrainConfig.checkpoint_inside`) AOTAutograd's
+    backward recomputes only what it reads (no down projection): Qwen2-7B under 24 GiB ran 8%
+    faster, but the backward holds more at once and compiling takes longer; `memory.token_budget`
+    weighs that (H200, 2026-12-03, README).
     """
 
     def __init__(self, backend: str = "inductor", checkpoint_inside: bool = False):
         self.backend = backend  # "aot_eager": the same graphs without generated kernels (CPU tests)
         self.checkpoint_inside = checkpoint_inside
         self.layers: list = []
-        self.checkpointed: list = []  # layers whose checkpoint this callback runs around the compiled call
+        self.checkpointed: list = []  # layers whose checkpoint this callback runs
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         self.layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        self.checkpointed = [m for m in self.layers if m.gradient_checkpointing and not self.checkpoint_inside]
+        self.checkpointed = [m for m in self.layers if m.gradient_checkpointing]
+        for layer in self.checkpointed:
+            layer.gradient_checkpointing = False  # transformers' own checkpoint: placed here instead
+            if self.checkpoint_inside:  # an instance attribute: what the compiled call runs
+                layer.forward = functools.partial(self._checkpointed, layer, layer.forward,
+                                                  layer._gradient_checkpointing_func)
         for layer in self.layers:
             layer.compile(dynamic=True, backend=self.backend)
-        for layer in self.checkpointed:
-            layer.gradient_checkpointing = False  # transformers' own checkpoint would run inside
-            layer._compiled_call_impl = functools.partial(self._around, layer, layer._compiled_call_impl,
+        for layer in self.checkpointed if not self.checkpoint_inside else ():
+            layer._compiled_call_impl = functools.partial(self._checkpointed, layer, layer._compiled_call_impl,
                                                           layer._gradient_checkpointing_func)
 
     @staticmethod
-    def _around(layer, compiled, checkpoint, *args, **kwargs):
-        """The compiled call under transformers' checkpoint function, while training with gradients."""
+    def _checkpointed(layer, run, checkpoint, *args, **kwargs):
+        """`run` (the layer's forward or its compiled call) under transformers' checkpoint function,
+        while training with gradients."""
         import torch
 
         if layer.training and torch.is_grad_enabled():
-            return checkpoint(functools.partial(compiled, **kwargs), *args)
-        return compiled(*args, **kwargs)
+            return checkpoint(functools.partial(run, **kwargs), *args)
+        return run(*args, **kwargs)
 
     def on_train_end(self, args, state, control, **kwargs):
         for layer in self.layers:
             layer._compiled_call_impl = None  # nn.Module.compile's own switch: eager again
         for layer in self.checkpointed:
             layer.gradient_checkpointing = True
+            vars(layer).pop("forward", None)  # the class's forward again
         self.layers, self.checkpointed = [], []
 
 
@@ -951,7 +960,7 @@ def make_trainer(model, tokenizer, train_ds, cfg: TrainConfig, output_dir: str |
     )
     trainer.course_cfg, trainer.pack_report, trainer.meter = cfg, pack_report, meter
     trainer.offload = OffloadActivations() if cfg.offload_activations else None
-    trainer.compiled = CompiledLayers() if compiling(cfg) else None
+    trainer.compiled = CompiledLayers(checkpoint_inside=bool(cfg.checkpoint_inside)) if compiling(cfg) else None
     if trainer.compiled:
         trainer.add_callback(trainer.compiled)
     trainer.loss_curve, trainer.rope_fix, trainer.fast_lora = curve, rope, fast

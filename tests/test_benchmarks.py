@@ -48,7 +48,7 @@ def test_every_configuration_names_a_tutorial_and_a_quant(bench) -> None:
         registry.get(key)
         assert quant in ("bf16", "4bit") and isinstance(cfg, registry.TrainConfig)
         assert set(opts) <= {"trl", "unsloth", "pack_tokens", "cap_gib", "steps", "mix", "padded_packs",
-                             "recompute_last", "frozen_gc", "checkpoint_inside"}, name
+                             "recompute_last", "frozen_gc"}, name
         assert opts["mix"] in bench.MIXES, name
         assert bool(opts.get("trl") or opts.get("unsloth")) == ("pack_tokens" in opts), name
 

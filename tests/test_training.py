@@ -606,9 +606,10 @@ def _other_lengths(examples: list[dict]) -> list[list[dict]]:
     return [examples[:2], examples[1:], examples + examples[1:2]]
 
 
+@pytest.mark.parametrize("inside", [False, True])
 @pytest.mark.parametrize("offloading", [True, False])
 def test_compiled_layers_give_the_same_loss_and_lora_gradients_in_one_graph(smoke_models, examples_of,
-                                                                            offloading: bool) -> None:
+                                                                            offloading: bool, inside: bool) -> None:
     """training.CompiledLayers: each decoder layer compiled (here "aot_eager": Dynamo's capture and
     AOTAutograd's forward/backward split, without generating kernels, so it runs on a CPU in seconds)
     gives the plain step's loss and LoRA gradients, with FastLora, checkpointing and offloading on,
@@ -616,7 +617,7 @@ def test_compiled_layers_give_the_same_loss_and_lora_gradients_in_one_graph(smok
     with no graph break and none made again for a new length; plain layers come back after.
     Built for offloading every layer is checkpointed; without, the last one is not
     (models._enable_checkpointing); the checkpoint runs around the compiled call, so that layer
-    shares the graph."""
+    shares the graph; with the checkpoint inside (`checkpoint_inside`) it has a graph of its own."""
     from torch._dynamo.utils import counters
 
     model, tokenizer = _lora_model(KEY, smoke_models, gradient_checkpointing=True,
@@ -624,7 +625,7 @@ def test_compiled_layers_give_the_same_loss_and_lora_gradients_in_one_graph(smok
     examples = examples_of(tokenizer, registry.get(KEY).family)
     collate = training.collator(tokenizer, packing=True)
     batches = [collate([_row(ex)]) for ex in _other_lengths(examples)]
-    fast, compiled = training.FastLora(), training.CompiledLayers(backend="aot_eager")
+    fast, compiled = training.FastLora(), training.CompiledLayers(backend="aot_eager", checkpoint_inside=inside)
     fast.on_train_begin(None, None, None, model=model)
     plain = [(lambda loss: (loss, _grads(model, loss)))(model(**batch).loss) for batch in batches]
     torch._dynamo.reset()
@@ -641,7 +642,7 @@ def test_compiled_layers_give_the_same_loss_and_lora_gradients_in_one_graph(smok
             graphs.append(counters["stats"]["unique_graphs"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert len(set(graphs)) == 1, graphs  # none made again for a new length
-    assert graphs[0] == 1, graphs  # one for all layers, the kept last one too
+    assert graphs[0] == (2 if inside and not offloading else 1), graphs  # the kept last one too, around
     compiled.on_train_end(None, None, None)
     fast.on_train_end(None, None, None)
     assert all(layer._compiled_call_impl is None for layer in model.modules()
@@ -649,18 +650,15 @@ def test_compiled_layers_give_the_same_loss_and_lora_gradients_in_one_graph(smok
 
 
 @pytest.mark.parametrize("inside", [False, True])
-def test_compiled_layers_keep_the_checkpoint_around_the_compiled_call(smoke_models, examples_of, inside) -> None:
-    """CompiledLayers keeps the checkpoint around each compiled layer on every transformers version
-    (5.23 and later would checkpoint inside): one graph for every layer, whose backward recomputes
-    nothing itself, as the memory estimate was measured. With `checkpoint_inside` AOTAutograd's
-    backward recomputes only what it reads: every adapter's product but the down projection's,
-    whose output only joins the residual sum; the kept last layer gets a graph of its own."""
+def test_compiled_layers_place_the_checkpoint_around_or_inside(smoke_models, examples_of, inside) -> None:
+    """CompiledLayers places the checkpoint itself, the same on every transformers version (5.23
+    and later would put it inside, earlier ones around): around, one graph for every layer, whose
+    backward recomputes nothing itself. With `checkpoint_inside` AOTAutograd's backward recomputes
+    only what it reads: every adapter's product but the down projection's, whose output only joins
+    the residual sum; the kept last layer gets a graph of its own."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    if inside and "__call__" in vars(GradientCheckpointingLayer):
-        pytest.skip("transformers < 5.23 checkpoints around the layer's call: nothing runs inside")
     products: dict[str, list[int]] = {"forward": [], "backward": []}  # LoRA products in each graph
     runs = {"forward": 0, "backward": 0}  # how often the graphs ran
 
@@ -694,6 +692,7 @@ def test_compiled_layers_keep_the_checkpoint_around_the_compiled_call(smoke_mode
     fast.on_train_end(None, None, None)
     layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     assert [m.gradient_checkpointing for m in layers] == [True] * (len(layers) - 1) + [False]  # restored
+    assert not any("forward" in vars(m) for m in layers)  # the class's forward again
     n = model.config.num_hidden_layers
     if inside:
         assert sorted(products["forward"]) == [per_layer, per_layer], products
@@ -720,12 +719,15 @@ LOSS_FLOOR = 1e-3  # loss differences below this are rounding whatever the ratio
 
 
 @pytest.mark.gpu
-def test_compiled_layers_on_a_gpu_give_the_same_step_with_generated_kernels(smoke_models, examples_of) -> None:
+@pytest.mark.parametrize("inside", [False, True])
+def test_compiled_layers_on_a_gpu_give_the_same_step_with_generated_kernels(smoke_models, examples_of,
+                                                                            inside: bool) -> None:
     """The path memory.token_budget turns on on a GPU: inductor's generated kernels, varlen
     attention, bf16 autocast, checkpointing with the layer inputs copied to host memory.
     Packed micro-batches of other lengths and sequence counts: no graph break, one graph for
     every layer and length, each layer's input still offloaded, and a loss and LoRA gradients
-    nearly as close to float32 math on the same weights (the CPU) as the eager bf16 step's."""
+    nearly as close to float32 math on the same weights (the CPU) as the eager bf16 step's; with
+    the checkpoint around the compiled layers or inside them."""
     from torch._dynamo.utils import counters
 
     if not training.can_compile():
@@ -740,7 +742,7 @@ def test_compiled_layers_on_a_gpu_give_the_same_step_with_generated_kernels(smok
     examples = examples_of(tokenizer, registry.get(KEY).family)
     collate = training.collator(tokenizer, packing=True)
     batches = [collate([_row(ex)]) for ex in _other_lengths(examples)]
-    fast, compiled = training.FastLora(), training.CompiledLayers()
+    fast, compiled = training.FastLora(), training.CompiledLayers(checkpoint_inside=inside)
     fast.on_train_begin(None, None, None, model=model)
 
     def step(batch, offload=None):
