@@ -81,6 +81,10 @@ DEFAULT_BATCH_TOKENS = 4096  # what `estimate_memory` assumes when no budget is 
 # (63.2 GiB allocated at 10,496 tokens, 2026-11-26); on one H200 (2026-12-01) the estimate is then
 # 0-4% above the measured peaks, with and without checkpointing, bf16 and 4-bit (tests/test_memory.py).
 LIGER_LAYER_FACTOR = 0.70
+# With the checkpoint inside each compiled layer (TrainConfig.checkpoint_inside) the backward holds
+# more of a layer at once: one H200 (2026-12-03, transformers 5.24, runs 13-14) measured Qwen2-7B at
+# 22.18 GiB (16,384 tokens) and GLM-4-9B offloaded at 21.74 (16,384): GLM-4's, the larger factor.
+CKPT_INSIDE_LAYER_FACTOR = 1.11
 # With offloaded activations, layer inputs on the GPU at once besides the layer at work; with 1
 # the estimate was 5% above the peaks measured on one H200 at 4,096-6,144 tokens (2026-12-02).
 OFFLOAD_IN_FLIGHT = 1
@@ -142,7 +146,7 @@ def base_param_counts(tutorial: Tutorial) -> tuple[int, int]:
 
 
 def _activation_bytes(ref: dict, tokens: int, quant: str, checkpointing: bool,
-                      liger: bool, offload: bool = False) -> tuple[float, float]:
+                      liger: bool, offload: bool = False, inside: bool = False) -> tuple[float, float]:
     """(all activation bytes, of which logits and loss) at the peak of one forward + backward."""
     h, inter, layers = ref["hidden_size"], ref["intermediate_size"], ref["num_hidden_layers"]
     vocab = ref["vocab_size"]
@@ -152,7 +156,7 @@ def _activation_bytes(ref: dict, tokens: int, quant: str, checkpointing: bool,
         logits = min(chunk, tokens) * vocab * LOGIT_BYTES + tokens * h * 4
     else:
         logits = tokens * vocab * LOGIT_BYTES
-    layer *= LIGER_LAYER_FACTOR if liger else 1.0
+    layer *= CKPT_INSIDE_LAYER_FACTOR if inside else LIGER_LAYER_FACTOR if liger else 1.0
     # with checkpointing: the layer inputs, and one layer's working set while it is recomputed
     # offloaded: only OFFLOAD_IN_FLIGHT of those inputs are on the GPU at once
     kept = OFFLOAD_IN_FLIGHT if offload and checkpointing else layers
@@ -204,7 +208,7 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
                     lora_r: int = 8, gradient_checkpointing: bool = True, optimizer: str = "adamw",
                     zero_stage: int = 0, num_gpus: int = 1, offload: bool = False,
                     liger: bool = False, embeddings_on_cpu: bool = False,
-                    offload_activations: bool = False) -> MemoryEstimate:
+                    offload_activations: bool = False, checkpoint_inside: bool = False) -> MemoryEstimate:
     """Estimate the peak GPU memory of LoRA training per GPU; the formula is in the module docstring.
 
     Args:
@@ -224,6 +228,8 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
             (`TrainConfig.embeddings_on_cpu`, `models.embeddings_to_cpu`); tied tables stay.
         offload_activations: Checkpointed layer inputs wait in host memory
             (`TrainConfig.offload_activations`); the host RAM they take is `host_gib`.
+        checkpoint_inside: The checkpoint inside each compiled layer (`TrainConfig.checkpoint_inside`):
+            a bigger working set of a layer in backward (CKPT_INSIDE_LAYER_FACTOR).
 
     Returns:
         A MemoryEstimate; print it for a table.
@@ -246,6 +252,8 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
     if offload_activations and (not gradient_checkpointing or zero_stage):
         raise ValueError("offload_activations needs gradient checkpointing and no ZeRO: it offloads the "
                          "checkpointed layer inputs of one process")
+    if checkpoint_inside and not gradient_checkpointing:
+        raise ValueError("checkpoint_inside needs gradient checkpointing: it places the checkpoint")
     ref = t.reference_config
     tokens = batch_tokens or DEFAULT_BATCH_TOKENS
     linear, other = base_param_counts(t)
@@ -267,7 +275,8 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
         gathered = 2 * max(layer, ref["vocab_size"] * ref["hidden_size"])  # one module at a time
         weights = gathered + (0.0 if offload else weights / num_gpus)
         params = 0.0 if offload else params / num_gpus
-    activations, logits = _activation_bytes(ref, tokens, quant, gradient_checkpointing, liger, offload_activations)
+    activations, logits = _activation_bytes(ref, tokens, quant, gradient_checkpointing, liger,
+                                            offload_activations, checkpoint_inside)
     host = 0.0
     if embeddings_on_cpu and not ref.get("tie_word_embeddings"):  # a micro-batch's rows, pinned on
         # their way to the GPU (models.CpuEmbedding), in one of PyTorch's power-of-two pinned blocks
@@ -285,7 +294,8 @@ def estimate_memory(tutorial: Tutorial | str, quant: str = "bf16", batch_tokens:
                + (f", ZeRO-{zero_stage} on {num_gpus} GPU(s)" if zero_stage else "")
                + (", offload" if offload else "") + (", Liger loss" if liger else "")
                + (", embeddings on CPU" if embeddings_on_cpu else "")
-               + (", activations offloaded to host RAM" if offload_activations else ""))
+               + (", activations offloaded to host RAM" if offload_activations else "")
+               + (", checkpoint inside compiled layers" if checkpoint_inside else ""))
     return MemoryEstimate(setting, weights / GIB, (params + grads) / GIB, states / GIB,
                           activations / GIB, logits / GIB, OVERHEAD_GIB, n_lora, host / GIB)
 
@@ -332,6 +342,15 @@ AUTO_NO_CHECKPOINT_TOKENS = 8_192
 OFFLOAD_BELOW_TOKENS = 8_192
 OFFLOAD_MIN_GAIN = 1.25
 HOST_SHARE = 0.5
+# With compiled layers (bf16, where measured) the checkpoint goes inside them where that still fits
+# at least this share of the step it fits around them. One H200 (2026-12-03, README runs 13-14):
+# inside, Qwen2-7B ran 8.3% faster at the same 16,384 tokens; a step of 13,072 tokens (0.8 of it)
+# ran at 2.7% fewer tokens/s than the full ones.
+INSIDE_MIN_SHARE = 0.9
+# ... and where the run is long enough to pay back its longer compiling: a first step of 48-96 s
+# inside against 23-34 s around, full steps ~0.12 s shorter (Qwen2-7B, 16k tokens, same runs), so
+# ~500 steps on an H200 (fewer on a slower card). Three epochs of Chat-甄嬛 are about 55 steps.
+INSIDE_MIN_STEPS = 500
 
 
 def gpu_memory_gib() -> float | None:
@@ -404,9 +423,21 @@ def _largest_fit(t: Tutorial, usable: float, checkpointing: bool, **kw) -> int:
     return lo * BUDGET_STEP
 
 
+def run_steps(cfg: TrainConfig, data_tokens: int | None, batch_tokens: int) -> int | None:
+    """About how many optimizer steps a packed run takes: `cfg.max_steps` if set, else from the
+    training set's tokens (packs fill a budget nearly full); None when neither is known."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    if data_tokens is None:
+        return None
+    packs = math.ceil(data_tokens / batch_tokens)
+    return math.ceil(cfg.num_train_epochs * math.ceil(packs / cfg.gradient_accumulation_steps))
+
+
 def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16",
                  gpu_gib: float | None = None, zero_stage: int = 0, num_gpus: int = 1,
-                 offload: bool = False, host_gib: float | None = None) -> TokenBudget:
+                 offload: bool = False, host_gib: float | None = None,
+                 data_tokens: int | None = None) -> TokenBudget:
     """The one place that sets `cfg.batch_tokens`: how many tokens a packed micro-batch holds here.
 
     Set by hand (`cfg.batch_tokens`), it is kept (with a warning if the estimate says it will
@@ -427,7 +458,11 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
     (bigger ones already keep the GPU busy).
 
     With `cfg.compile_layers=None` the decoder layers are compiled (`training.CompiledLayers`) on
-    a GPU that can (`training.can_compile`) in a one-process run without ZeRO.
+    a GPU that can (`training.can_compile`) in a one-process run without ZeRO. With
+    `cfg.checkpoint_inside=None` their checkpoint goes inside them (bf16) where the bigger working
+    set of that backward still leaves a step of INSIDE_MIN_SHARE of the one around them, unless
+    the run is known to be short (`run_steps` from `cfg.max_steps` or `data_tokens`, the training
+    set's tokens, below INSIDE_MIN_STEPS): its longer compiling would not pay back.
 
     Raises:
         ValueError: not even one `max_length` example fits, naming what to change.
@@ -452,11 +487,13 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
         compiled = bool(cfg.compile_layers)
     compile_why = "; decoder layers compiled (torch.compile, in the first step)" if compiled else ""
 
-    def chosen(tokens: int, checkpointing: bool, reason: str, off: bool = False) -> TokenBudget:
+    def chosen(tokens: int, checkpointing: bool, reason: str, off: bool = False,
+               inside: bool = False) -> TokenBudget:
         new = dataclasses.replace(cfg, batch_tokens=tokens, gradient_checkpointing=checkpointing,
-                                  offload_activations=off, compile_layers=bool(compiled))
+                                  offload_activations=off, compile_layers=bool(compiled),
+                                  checkpoint_inside=inside)
         est = estimate_memory(t, batch_tokens=tokens, gradient_checkpointing=checkpointing,
-                              offload_activations=off, **kw)
+                              offload_activations=off, checkpoint_inside=inside, **kw)
         return TokenBudget(new, est if gib is not None else None, gib, reason)
 
     if cfg.batch_tokens:
@@ -464,7 +501,8 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
                    if gib is None and cfg.batch_tokens == registry.CPU_BATCH_TOKENS else "set by hand")
         checkpointing = True if ckpt is None else ckpt
         found = chosen(cfg.batch_tokens, checkpointing, by_hand + compile_why,
-                       bool(cfg.offload_activations and checkpointing and not zero_stage and gib is not None))
+                       bool(cfg.offload_activations and checkpointing and not zero_stage and gib is not None),
+                       bool(cfg.checkpoint_inside and checkpointing and compiled))
         if not found.fits:
             peak = found.estimate.total_gib - found.estimate.overhead_gib
             found.reason += f"; estimated peak {peak:.1f} GiB > {gib * (1 - MARGIN):.1f} GiB: may run out of memory"
@@ -481,23 +519,37 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
     if ckpt is None:
         ckpt = fits[False] < AUTO_NO_CHECKPOINT_TOKENS or fits[False] < cfg.max_length
         why = (f"without it only {fits[False]:,} would fit" if ckpt else "the card holds a full budget without it")
-    tokens = fits[ckpt]
-    off, off_why = False, ""
-    if ckpt and not zero_stage and cfg.offload_activations is not False:
-        off_tokens = _largest_fit(t, usable, True, offload_activations=True, **kw)
-        need = estimate_memory(t, batch_tokens=off_tokens, offload_activations=True, **kw).host_gib
+
+    def offloading(tokens: int, inside: bool) -> tuple[int, bool, str]:
+        """The step with the checkpointed activations offloaded where that is worth it."""
+        if not ckpt or zero_stage or cfg.offload_activations is False:
+            return tokens, False, ""
+        off_tokens = _largest_fit(t, usable, True, offload_activations=True, checkpoint_inside=inside, **kw)
+        need = estimate_memory(t, batch_tokens=off_tokens, offload_activations=True, checkpoint_inside=inside,
+                               **kw).host_gib
         host = host_memory_gib() if host_gib is None else host_gib
         if cfg.offload_activations is None and (off_tokens < tokens * OFFLOAD_MIN_GAIN
                                                 or (tokens >= OFFLOAD_BELOW_TOKENS and not compiled)):
-            off_why = ""  # no gain worth the copies: nothing to say
-        elif host is None or need > host * HOST_SHARE:
-            off_why = (f"; activations stay on the GPU: offloading them ({off_tokens:,} tokens) needs "
-                       f"{need:.1f} GiB of host RAM, " + (f"{host:.1f} GiB available" if host is not None
-                                                        else "and the free host RAM is unknown"))
-        else:
-            off, off_why = True, (f"; offloading the checkpointed activations lets {off_tokens:,} tokens fit "
+            return tokens, False, ""  # no gain worth the copies: nothing to say
+        if host is None or need > host * HOST_SHARE:
+            return tokens, False, (f"; activations stay on the GPU: offloading them ({off_tokens:,} tokens) needs "
+                                   f"{need:.1f} GiB of host RAM, " + (f"{host:.1f} GiB available" if host is not None
+                                                                    else "and the free host RAM is unknown"))
+        return off_tokens, True, (f"; offloading the checkpointed activations lets {off_tokens:,} tokens fit "
                                   f"instead of {tokens:,} ({need:.1f} GiB pinned host RAM of {host:.0f} GiB available)")
-            tokens = off_tokens
+
+    inside = bool(cfg.checkpoint_inside and compiled and ckpt)
+    tokens, off, off_why = offloading(fits[ckpt], False)
+    if inside or (cfg.checkpoint_inside is None and compiled and ckpt and quant == "bf16"):
+        in_plan = offloading(_largest_fit(t, usable, True, checkpoint_inside=True, **kw), True)
+        steps = run_steps(cfg, data_tokens, in_plan[0])
+        if not inside and in_plan[0] >= INSIDE_MIN_SHARE * tokens and steps is not None and steps < INSIDE_MIN_STEPS:
+            off_why += (f"; checkpoint around the compiled layers: about {steps} steps do not pay back the longer "
+                        f"compiling inside them (from {INSIDE_MIN_STEPS})")
+        elif inside or in_plan[0] >= INSIDE_MIN_SHARE * tokens:
+            inside, (tokens, off, off_why) = True, in_plan
+            off_why += (f"; checkpoint inside the compiled layers (a faster backward, a longer first step): "
+                        f"{tokens:,} tokens fit that way")
     if tokens < cfg.max_length:
         need = estimate_memory(t, batch_tokens=cfg.max_length, gradient_checkpointing=True, **kw)
         raise ValueError(
@@ -505,6 +557,6 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
             f"~{need.total_gib - need.overhead_gib:.1f} GiB with checkpointing; lower max_length"
             + (", use 4-bit (QUANT = \"4bit\")" if quant == "bf16" else "") + " or a GPU with more memory")
     found = chosen(tokens, ckpt, f"fitted to {gib:.1f} GiB with {MARGIN:.0%} kept free; checkpointing "
-                   f"{'on' if ckpt else 'off'}: {why}{off_why}{compile_why}", off)
+                   f"{'on' if ckpt else 'off'}: {why}{off_why}{compile_why}", off, inside)
     found.reason += f"; estimated peak {found.estimate.total_gib - found.estimate.overhead_gib:.1f} GiB"
     return found

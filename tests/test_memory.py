@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -120,6 +121,70 @@ def test_estimate_holds_with_compiled_layers(key, quant, tokens, ckpt, off, peak
                                  liger=True, embeddings_on_cpu=t.config.embeddings_on_cpu, offload_activations=off)
     allocated = est.total_gib - est.overhead_gib
     assert peak * (1 - memory.MARGIN / 2) < allocated < peak * COURSE_OVER[ckpt]
+
+
+# The checkpoint inside the compiled layers (TrainConfig.checkpoint_inside), same benchmark, one
+# H200, 2026-12-03 (README runs 13-18, transformers 5.24): (tutorial, tokens, offloaded, peak
+# allocated GiB). The estimate is 0-3.4% above them (GLM-4 sets the factor).
+MEASURED_H200_INSIDE = [("qwen2", 16384, False, 22.18), ("qwen2", 16128, False, 22.06),
+                        ("glm4", 16384, True, 21.74)]
+
+
+@pytest.mark.parametrize(("key", "tokens", "off", "peak"), MEASURED_H200_INSIDE)
+def test_estimate_holds_with_the_checkpoint_inside_compiled_layers(key, tokens, off, peak) -> None:
+    t = registry.get(key)
+    kw = dict(optimizer=t.config.optim, liger=True, embeddings_on_cpu=t.config.embeddings_on_cpu,
+              offload_activations=off)
+    est = memory.estimate_memory(key, "bf16", tokens, checkpoint_inside=True, **kw)
+    allocated = est.total_gib - est.overhead_gib
+    assert peak <= allocated < peak * COURSE_OVER[True]
+    around = memory.estimate_memory(key, "bf16", tokens, **kw)  # the bigger backward is what it adds
+    assert around.total_gib < peak < est.total_gib
+    with pytest.raises(ValueError, match="checkpoint_inside needs gradient checkpointing"):
+        memory.estimate_memory(key, "bf16", tokens, gradient_checkpointing=False, checkpoint_inside=True)
+
+
+def test_budget_puts_the_checkpoint_inside_where_it_keeps_most_of_the_step(monkeypatch) -> None:
+    """Inside where its step holds INSIDE_MIN_SHARE of the one around (bf16, compiled, checkpointed)."""
+    from selfllm_utils import training
+
+    monkeypatch.setattr(training, "can_compile", lambda: True)  # a CPU here: what a GPU would get
+    qwen2 = _budget("qwen2", 24)  # the benchmark's cap: 16,128 inside against 16,384 around
+    assert qwen2.config.checkpoint_inside is True and "checkpoint inside" in qwen2.reason
+    assert memory.INSIDE_MIN_SHARE * memory.MAX_BATCH_TOKENS <= qwen2.tokens < memory.MAX_BATCH_TOKENS
+    assert qwen2.fits and qwen2.estimate.total_gib == memory.estimate_memory(
+        "qwen2", "bf16", qwen2.tokens, optimizer=qwen2.config.optim, liger=True, checkpoint_inside=True).total_gib
+    glm4 = _budget("glm4", 24)
+    assert glm4.config.checkpoint_inside and glm4.config.offload_activations and glm4.tokens == memory.MAX_BATCH_TOKENS
+    small = _budget("qwen2", 23.2)  # a real 24 GB card: inside would cost more than a tenth of the step
+    assert small.config.checkpoint_inside is False and small.tokens == memory.MAX_BATCH_TOKENS
+    assert "checkpoint inside" not in small.reason
+    forced = _budget("qwen2", 23.2, checkpoint_inside=True)
+    assert forced.config.checkpoint_inside is True and forced.tokens < small.tokens and forced.fits
+    for gib in (5.5, 24):  # 4-bit: not measured
+        assert _budget("deepseek", gib, "4bit").config.checkpoint_inside is False
+    assert _budget("qwen2", 24, checkpoint_inside=False).config.checkpoint_inside is False
+    assert _budget("qwen2", 139).config.checkpoint_inside is False  # no checkpointing: nothing to place
+    # a short run keeps it around (the longer compiling would not pay back), a long one inside
+    glm4_cfg = registry.get("glm4").config  # 3 epochs: Chat-甄嬛 (~297k tokens) is ~57 steps
+    short = memory.token_budget("glm4", glm4_cfg, gpu_gib=24, host_gib=HOST_GIB, data_tokens=297_000)
+    assert short.config.checkpoint_inside is False and "about 57 steps" in short.reason
+    assert short.estimate.total_gib < glm4.estimate.total_gib  # estimated around, as it will run
+    steps_for = memory.INSIDE_MIN_STEPS * memory.MAX_BATCH_TOKENS // 3  # tokens of 3 epochs x INSIDE_MIN_STEPS
+    for tokens, on in ((steps_for - memory.MAX_BATCH_TOKENS, False), (steps_for, True)):
+        long = memory.token_budget("glm4", glm4_cfg, gpu_gib=24, host_gib=HOST_GIB, data_tokens=tokens)
+        assert long.config.checkpoint_inside is on, tokens
+    by_steps = dataclasses.replace(glm4_cfg, max_steps=memory.INSIDE_MIN_STEPS)  # max_steps wins
+    assert memory.token_budget("glm4", by_steps, gpu_gib=24, host_gib=HOST_GIB, data_tokens=1).config.checkpoint_inside
+    few = dataclasses.replace(glm4_cfg, max_steps=30)  # known short without the data's length too
+    assert not memory.token_budget("glm4", few, gpu_gib=24, host_gib=HOST_GIB).config.checkpoint_inside
+    accumulated = dataclasses.replace(glm4_cfg, gradient_accumulation_steps=4)
+    assert memory.run_steps(accumulated, 10 * 16384, 16384) == 3 * math.ceil(10 / 4)
+    asked = dataclasses.replace(glm4_cfg, checkpoint_inside=True)  # asked for: kept whatever the length
+    assert memory.token_budget("glm4", asked, gpu_gib=24, host_gib=HOST_GIB, data_tokens=297_000).config.checkpoint_inside
+    monkeypatch.setattr(training, "can_compile", lambda: False)
+    assert _budget("qwen2", 24).config.checkpoint_inside is False  # plain layers
+    assert _budget("qwen2", 24, checkpoint_inside=True).config.checkpoint_inside is False
 
 
 def test_budget_compiles_layers_on_one_gpu_that_can(monkeypatch) -> None:
