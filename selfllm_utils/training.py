@@ -898,9 +898,10 @@ class CompiledLayers(TrainerCallback):
                                                   layer._gradient_checkpointing_func)
         for layer in self.layers:
             layer.compile(dynamic=True, backend=self.backend)
-        for layer in self.checkpointed if not self.checkpoint_inside else ():
-            layer._compiled_call_impl = functools.partial(self._checkpointed, layer, layer._compiled_call_impl,
-                                                          layer._gradient_checkpointing_func)
+        if not self.checkpoint_inside:  # around: the compiled call under the checkpoint
+            for layer in self.checkpointed:
+                layer._compiled_call_impl = functools.partial(self._checkpointed, layer, layer._compiled_call_impl,
+                                                              layer._gradient_checkpointing_func)
 
     @staticmethod
     def _checkpointed(layer, run, checkpoint, *args, **kwargs):
