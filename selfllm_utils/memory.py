@@ -46,9 +46,10 @@ weights, the course's `models.load_model` + `add_lora` + `training.make_trainer`
 bf16 with checkpointing at 4k tokens is over by 0.7 GiB (4%): there the logits and the layer
 recompute are not alive at the same time. With Liger the estimate is 1-10% high with
 checkpointing without it; Liger's fused RMSNorm and SwiGLU (and FastLora) keep fewer
-activations, modelled by LIGER_LAYER_FACTOR. `token_budget` turns the estimate around: the most tokens a
-micro-batch may hold on this card (benchmarks/train_speed.py prints its estimate beside each
-measured peak).
+activations, modelled by LIGER_LAYER_FACTOR; with the checkpoint inside compiled layers the
+backward holds more of a layer at once (CKPT_INSIDE_LAYER_FACTOR). `token_budget` turns the
+estimate around: the most tokens a micro-batch may hold on this card (benchmarks/train_speed.py
+prints its estimate beside each measured peak).
 
 ZeRO (DeepSpeed) divides per GPU: stage 1 the optimizer states, stage 2 also the gradients,
 stage 3 also the parameters (each GPU then gathers one layer, or the lm_head, at a time).
@@ -82,8 +83,9 @@ DEFAULT_BATCH_TOKENS = 4096  # what `estimate_memory` assumes when no budget is 
 # 0-4% above the measured peaks, with and without checkpointing, bf16 and 4-bit (tests/test_memory.py).
 LIGER_LAYER_FACTOR = 0.70
 # With the checkpoint inside each compiled layer (TrainConfig.checkpoint_inside) the backward holds
-# more of a layer at once: one H200 (2026-12-03, transformers 5.24, runs 13-14) measured Qwen2-7B at
-# 22.18 GiB (16,384 tokens) and GLM-4-9B offloaded at 21.74 (16,384): GLM-4's, the larger factor.
+# more of a layer at once: one H200 (2026-12-03, transformers 5.24, README runs 13-16) measured Qwen2-7B
+# at 22.18 GiB (16,384 tokens) and 22.06 (16,128), GLM-4-9B offloaded at 21.74 (16,384): GLM-4's, the
+# larger factor (Qwen2 alone would need 0.92).
 CKPT_INSIDE_LAYER_FACTOR = 1.11
 # With offloaded activations, layer inputs on the GPU at once besides the layer at work; with 1
 # the estimate was 5% above the peaks measured on one H200 at 4,096-6,144 tokens (2026-12-02).
@@ -348,7 +350,7 @@ HOST_SHARE = 0.5
 # ran at 2.7% fewer tokens/s than the full ones.
 INSIDE_MIN_SHARE = 0.9
 # ... and where the run is long enough to pay back its longer compiling: a first step of 48-96 s
-# inside against 23-34 s around, full steps ~0.12 s shorter (Qwen2-7B, 16k tokens, same runs), so
+# inside against 23-34 s around, full steps ~0.12 s shorter (Qwen2-7B, 16k tokens; README runs 16-18), so
 # ~500 steps on an H200 (fewer on a slower card). Three epochs of Chat-甄嬛 are about 55 steps.
 INSIDE_MIN_STEPS = 500
 
@@ -538,18 +540,19 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
         return off_tokens, True, (f"; offloading the checkpointed activations lets {off_tokens:,} tokens fit "
                                   f"instead of {tokens:,} ({need:.1f} GiB pinned host RAM of {host:.0f} GiB available)")
 
-    inside = bool(cfg.checkpoint_inside and compiled and ckpt)
     tokens, off, off_why = offloading(fits[ckpt], False)
-    if inside or (cfg.checkpoint_inside is None and compiled and ckpt and quant == "bf16"):
+    inside = False
+    if compiled and ckpt and (cfg.checkpoint_inside or (cfg.checkpoint_inside is None and quant == "bf16")):
         in_plan = offloading(_largest_fit(t, usable, True, checkpoint_inside=True, **kw), True)
         steps = run_steps(cfg, data_tokens, in_plan[0])
-        if not inside and in_plan[0] >= INSIDE_MIN_SHARE * tokens and steps is not None and steps < INSIDE_MIN_STEPS:
-            off_why += (f"; checkpoint around the compiled layers: about {steps} steps do not pay back the longer "
-                        f"compiling inside them (from {INSIDE_MIN_STEPS})")
-        elif inside or in_plan[0] >= INSIDE_MIN_SHARE * tokens:
+        worth = in_plan[0] >= INSIDE_MIN_SHARE * tokens  # its bigger backward leaves most of the step
+        if cfg.checkpoint_inside or (worth and (steps is None or steps >= INSIDE_MIN_STEPS)):
             inside, (tokens, off, off_why) = True, in_plan
             off_why += (f"; checkpoint inside the compiled layers (a faster backward, a longer first step): "
                         f"{tokens:,} tokens fit that way")
+        elif worth:
+            off_why += (f"; checkpoint around the compiled layers: about {steps} steps do not pay back the longer "
+                        f"compiling inside them (from {INSIDE_MIN_STEPS})")
     if tokens < cfg.max_length:
         need = estimate_memory(t, batch_tokens=cfg.max_length, gradient_checkpointing=True, **kw)
         raise ValueError(

@@ -125,7 +125,7 @@ def test_estimate_holds_with_compiled_layers(key, quant, tokens, ckpt, off, peak
 
 # The checkpoint inside the compiled layers (TrainConfig.checkpoint_inside), same benchmark, one
 # H200, 2026-12-03 (README runs 13-18, transformers 5.24): (tutorial, tokens, offloaded, peak
-# allocated GiB). The estimate is 0-3.4% above them (GLM-4 sets the factor).
+# allocated GiB). The estimate is 0-3.3% above them (GLM-4 sets the factor).
 MEASURED_H200_INSIDE = [("qwen2", 16384, False, 22.18), ("qwen2", 16128, False, 22.06),
                         ("glm4", 16384, True, 21.74)]
 
@@ -139,7 +139,7 @@ def test_estimate_holds_with_the_checkpoint_inside_compiled_layers(key, tokens, 
     allocated = est.total_gib - est.overhead_gib
     assert peak <= allocated < peak * COURSE_OVER[True]
     around = memory.estimate_memory(key, "bf16", tokens, **kw)  # the bigger backward is what it adds
-    assert around.total_gib < peak < est.total_gib
+    assert around.total_gib - around.overhead_gib < peak  # what the factor adds is measured
     with pytest.raises(ValueError, match="checkpoint_inside needs gradient checkpointing"):
         memory.estimate_memory(key, "bf16", tokens, gradient_checkpointing=False, checkpoint_inside=True)
 
