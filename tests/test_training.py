@@ -591,7 +591,7 @@ def test_offloaded_activations_give_the_same_loss_and_lora_gradients(smoke_model
 
 def test_offloaded_copies_fill_the_gaps_their_neighbours_leave() -> None:
     """GLM-4 with the checkpoint inside its compiled layers saves each layer's input (128 MiB at
-    16,384 tokens) and two 2 MiB rotary tables: placed one after another they held a 256 MiB
+    16,384 tokens) and 4 MiB more (by its size, the two rotary tables): placed one after another they held a 256 MiB
     buffer a layer (10.9 GiB pinned for 5.8 GiB copied, H200 runs 16-19). Scaled 1 MiB -> 1 KiB
     here: the buffers hold no more than the copies need plus one, and every copy comes back intact."""
     offload = training.OffloadActivations(min_bytes=0, chunk_bytes=256 * 1024)
