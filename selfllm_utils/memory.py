@@ -83,7 +83,7 @@ DEFAULT_BATCH_TOKENS = 4096  # what `estimate_memory` assumes when no budget is 
 # 0-4% above the measured peaks, with and without checkpointing, bf16 and 4-bit (tests/test_memory.py).
 LIGER_LAYER_FACTOR = 0.70
 # With the checkpoint inside each compiled layer (TrainConfig.checkpoint_inside) the backward holds
-# more of a layer at once: one H200 (2026-12-03, transformers 5.24, README runs 13-16) measured Qwen2-7B
+# more of a layer at once: one H200 (2026-12-03, transformers 5.24, docs/SPEED_HISTORY.md runs 13-16) measured Qwen2-7B
 # at 22.18 GiB (16,384 tokens) and 22.06 (16,128), GLM-4-9B offloaded at 21.74 (16,384): GLM-4's, the
 # larger factor (Qwen2 alone would need 0.92).
 CKPT_INSIDE_LAYER_FACTOR = 1.11
@@ -345,12 +345,12 @@ OFFLOAD_BELOW_TOKENS = 8_192
 OFFLOAD_MIN_GAIN = 1.25
 HOST_SHARE = 0.5
 # With compiled layers (bf16, where measured) the checkpoint goes inside them where that still fits
-# at least this share of the step it fits around them. One H200 (2026-12-03, README runs 13-14):
+# at least this share of the step it fits around them. One H200 (2026-12-03, docs/SPEED_HISTORY.md runs 13-14):
 # inside, Qwen2-7B ran 8.3% faster at the same 16,384 tokens; a step of 13,072 tokens (0.8 of it)
 # ran at 2.7% fewer tokens/s than the full ones.
 INSIDE_MIN_SHARE = 0.9
 # ... and where the run is long enough to pay back its longer compiling: a first step of 48-96 s
-# inside against 23-34 s around, full steps ~0.12 s shorter (Qwen2-7B, 16k tokens; README runs 16-18), so
+# inside against 23-34 s around, full steps ~0.12 s shorter (Qwen2-7B, 16k tokens; docs/SPEED_HISTORY.md runs 16-18), so
 # ~500 steps on an H200 (fewer on a slower card). Three epochs of Chat-甄嬛 are about 55 steps.
 INSIDE_MIN_STEPS = 500
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -172,3 +173,45 @@ def test_gc_pauses_are_placed_in_the_step_the_host_was_in(bench) -> None:
     pauses = [(2, 0.5, 0.2), (0, 1.5, 0.001), (2, 2.5, 0.3), (1, 3.5, 0.05)]
     # step 1 until 1.0, step 2 until 2.0, ...; a pause after the last end belongs to the next step
     assert bench.gc_by_step(pauses, host) == [(1, 2, 0.2), (3, 2, 0.3), (4, 1, 0.05)]
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("report", PATH.with_name("report.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _line(config: str, tps: int, **kw) -> str:
+    mix = config.split("-")[-2] if config.split("-")[-1].isdigit() else config.split("-")[-1]
+    return json.dumps({"config": config, "mix": mix, "tokens_per_s": tps, "peak_allocated_gib": 5.1,
+                       "peak_reserved_gib": 5.4, **kw}) + "\n"
+
+
+def test_the_speed_table_checks_targets_against_the_best_anchor_of_the_run(report, tmp_path) -> None:
+    """A course row meets 6,000 tokens/s and 1.15x the best Unsloth row of its mix, not the first one."""
+    results = tmp_path / "run.jsonl"
+    results.write_text(
+        '{"check": "varlen_vs_unpacked"}\n'
+        + _line("deepseek-unsloth-chat-4096", 5000, unsloth="2026.10.9", pack_tokens=4096, cap_gib=5.5)
+        + _line("deepseek-unsloth-chat-5120", 6000, unsloth="2026.10.9", pack_tokens=5120, cap_gib=5.5)
+        + _line("deepseek-qlora-course-chat", 6600, batch_tokens=4864, cap_gib=5.5, checkpointing=True)
+        + _line("qwen2-course-24g-chat", 12999, batch_tokens=16128, cap_gib=24, checkpointing=True,
+                checkpoint_inside=True)
+        + _line("qwen2-24g-ckptaround-chat", 12000, batch_tokens=16384, cap_gib=24, checkpointing=True),
+        encoding="utf-8")
+    rows = report.table(results).splitlines()[2:]
+    assert [r.split("|")[5].strip() for r in rows] == ["**6,600**", "5,000", "6,000", "**12,999**", "12,000"]
+    assert "≥ 6,000 ✓；1.10 倍 Unsloth（≥ 1.15 ✗）" in rows[0]
+    assert "≥ 13,000 ✗" in rows[3] and "检查点层内" in rows[3]
+    assert "课程，手动设置（检查点层外）" in rows[4] and "≥" not in rows[4]  # a variant is not the default
+
+
+def test_the_readme_speed_tables_are_their_results_files_rendered(report) -> None:
+    """Every figure of a marked table comes from the committed JSON lines the GPU run printed."""
+    readme = registry.repo_root() / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    assert report.BLOCK.search(text), "README.md has no <!-- speed-table: FILE --> block"
+    assert report.update(text) == text, "README's speed table differs from its results file: " \
+        "run python benchmarks/report.py --update README.md"

@@ -124,7 +124,7 @@ def test_estimate_holds_with_compiled_layers(key, quant, tokens, ckpt, off, peak
 
 
 # The checkpoint inside the compiled layers (TrainConfig.checkpoint_inside), same benchmark, one
-# H200, 2026-12-03 (README runs 13-18, transformers 5.24): (tutorial, tokens, offloaded, peak
+# H200, 2026-12-03 (docs/SPEED_HISTORY.md runs 13-18, transformers 5.24): (tutorial, tokens, offloaded, peak
 # allocated GiB). The estimate is 0-3.3% above them (GLM-4 sets the factor).
 MEASURED_H200_INSIDE = [("qwen2", 16384, False, 22.18), ("qwen2", 16128, False, 22.06),
                         ("glm4", 16384, True, 21.74)]
