@@ -507,6 +507,7 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         "gc_steps": gc_by_step(pauses, host_ends.times),
         # the allocator freed its cache and tried again (each time the GPU is waited for)
         "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
+        "alloc_retries_steps": [b - a for a, b in zip([0] + host_ends.retries, host_ends.retries)],
         **dict(zip(("step_tokens", "step_s"), per_step(counts, accumulation, started, clock.times))),
     }
 
@@ -550,15 +551,20 @@ def gc_pauses():
 
 def host_step_ends():
     """Trainer callback: `.times` holds perf_counter() as the host ends each optimizer step (it
-    runs ahead of the GPU by less than a step)."""
+    runs ahead of the GPU by less than a step), `.retries` the allocator's retries so far then (a
+    retry frees cached blocks and waits for the GPU: at a cap, the host stops running ahead)."""
+    import torch
     from transformers import TrainerCallback
 
     class CB(TrainerCallback):
         def __init__(self):
             self.times: list[float] = []
+            self.retries: list[int] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter())
+            if torch.cuda.is_available():
+                self.retries.append(torch.cuda.memory_stats().get("num_alloc_retries", 0))
 
     return CB()
 
