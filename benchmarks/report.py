@@ -28,7 +28,10 @@ BLOCK = re.compile(r"(<!-- speed-table: (\S+) -->\n)(.*?)(<!-- /speed-table -->)
 def load(path: Path) -> list[dict]:
     """The configuration lines of a run (checks and blank lines left out), in the order they ran."""
     lines = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.startswith("{")]
-    return [r for r in lines if "config" in r and "profiled" not in r]
+    records = [r for r in lines if "config" in r and "profiled" not in r]
+    for r in records:  # a configuration that failed printed only its name and error
+        r.setdefault("mix", next((m for m in MIXES if f"-{m}" in r["config"]), "chat"))
+    return records
 
 
 def tool(r: dict) -> str:
@@ -43,6 +46,8 @@ def recipe(r: dict) -> str:
     if tool(r) == "trl":
         return f"TRL {r.get('trl') or ''}（BFD packing {r['pack_tokens']:,}，padding-free，Liger）".replace(" （", "（")
     how = "课程默认" if default(r) else "课程，手动设置"
+    if "error" in r:
+        return how
     if not r.get("checkpointing"):
         return f"{how}（不开检查点）"
     where = "层内" if r.get("checkpoint_inside") else "层外"

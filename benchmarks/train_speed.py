@@ -728,7 +728,8 @@ def main() -> None:
             losses[name] = json.loads(lines[-1])["losses"]
         else:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            print(json.dumps({"config": name, "error": " | ".join(tail)[-600:]}), flush=True)
+            print(json.dumps({"config": name, "mix": CONFIGS[name][3]["mix"], "cap_gib": CONFIGS[name][3].get("cap_gib"),
+                              "error": " | ".join(tail)[-600:]}), flush=True)
         key = CONFIGS[name][0]
         if all(CONFIGS[n][0] != key for n, _ in runs[i + 1:]):
             shutil.rmtree(Path(args.workdir) / key, ignore_errors=True)  # a 7-9B folder is 15-19 GB

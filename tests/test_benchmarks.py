@@ -199,10 +199,12 @@ def test_the_speed_table_checks_targets_against_the_best_anchor_of_the_run(repor
         + _line("deepseek-qlora-course-chat", 6600, batch_tokens=4864, cap_gib=5.5, checkpointing=True)
         + _line("qwen2-course-24g-chat", 12999, batch_tokens=16128, cap_gib=24, checkpointing=True,
                 checkpoint_inside=True)
-        + _line("qwen2-24g-ckptaround-chat", 12000, batch_tokens=16384, cap_gib=24, checkpointing=True),
+        + _line("qwen2-24g-ckptaround-chat", 12000, batch_tokens=16384, cap_gib=24, checkpointing=True)
+        + '{"config": "glm4-course-24g-long", "mix": "long", "cap_gib": 24, "error": "out of GPU memory"}\n',
         encoding="utf-8")
     rows = report.table(results).splitlines()[2:]
-    assert [r.split("|")[5].strip() for r in rows] == ["**6,600**", "5,000", "6,000", "**12,999**", "12,000"]
+    assert [r.split("|")[5].strip() for r in rows] == ["**6,600**", "5,000", "6,000", "**12,999**", "12,000",
+                                                       "出错：out of GPU memory"]  # a failure stays in the table
     assert "≥ 6,000 ✓；1.10 倍 Unsloth（≥ 1.15 ✗）" in rows[0]
     assert "≥ 13,000 ✗" in rows[3] and "检查点层内" in rows[3]
     assert "课程，手动设置（检查点层外）" in rows[4] and "≥" not in rows[4]  # a variant is not the default
