@@ -340,7 +340,7 @@ AUTO_NO_CHECKPOINT_TOKENS = 8_192
 # (2026-12-02): DeepSeek-7B QLoRA under 5.5 GiB, 2,560 -> 4,864 tokens, 1.33x the tokens/s in one run
 # (4,096 by hand: 1.42x in another; a small step is bound by the host launching kernels); GLM-4-9B
 # under 24 GiB, 11,136 -> 16,384 tokens: 7,319 -> 7,360 tokens/s with plain layers (no gain), with
-# compiled layers 8,695 -> 9,134 (two calls on one machine; README).
+# compiled layers 8,695 -> 9,134 (two calls on one machine; docs/SPEED_HISTORY.md).
 OFFLOAD_BELOW_TOKENS = 8_192
 OFFLOAD_MIN_GAIN = 1.25
 HOST_SHARE = 0.5
@@ -479,7 +479,7 @@ def token_budget(tutorial: Tutorial | str, cfg: TrainConfig, quant: str = "bf16"
                            "sequences a batch, padded to the longest")
     ckpt = cfg.gradient_checkpointing
     # compiled layers: on a GPU that can (training.can_compile), one process without ZeRO (the
-    # runs measured); measured on H200s (2026-12-02, README; each ratio within one run): DeepSeek-7B QLoRA 1.40x the
+    # runs measured); measured on H200s (2026-12-02, docs/SPEED_HISTORY.md; each ratio within one run): DeepSeek-7B QLoRA 1.40x the
     # tokens/s, GLM-4-9B under 24 GiB 1.19x, Qwen2-7B 1.02x, a first step of 14-26 s (4.2 s plain)
     if cfg.compile_layers is None and gib is not None:
         from . import training  # here: importing the Trainer is slow, and a budget on a CPU needs none

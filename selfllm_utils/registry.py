@@ -249,8 +249,8 @@ TUTORIALS: dict[str, Tutorial] = {
 }
 
 # Workshop presets: each tutorial's real training finished in about 10 minutes on one 24 GB GPU.
-# Minutes = one Chat-甄嬛 epoch (3,617 records x 82 tokens) x epochs / (README's tokens/s / 3.5),
-# README's figures for the course defaults measured on H200s (2026-12-02, compiled layers, the fitted
+# Minutes = one Chat-甄嬛 epoch (3,617 records x 82 tokens) x epochs / (measured tokens/s / 3.5),
+# docs/SPEED_HISTORY.md's figures for the course defaults measured on H200s (2026-12-02, compiled layers, the fitted
 # token budget under a 24 GiB or 5.5 GiB cap), assuming an RTX 3090/4090 runs 3-4x slower than a
 # Hopper card (not measured here), plus the first step's compiling (a first step of 14-34 s on an H200,
 # the checkpoint around the compiled layers, as these short runs keep it: memory.INSIDE_MIN_STEPS);

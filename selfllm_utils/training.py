@@ -881,7 +881,7 @@ class CompiledLayers(TrainerCallback):
     forward again. Inside (`checkpoint_inside`, `TrainConfig.checkpoint_inside`) AOTAutograd's
     backward recomputes only what it reads (no down projection): Qwen2-7B under 24 GiB ran 8%
     faster, but the backward holds more at once and compiling takes longer; `memory.token_budget`
-    weighs that (H200, 2026-12-03, README).
+    weighs that (H200, 2026-12-03, docs/SPEED_HISTORY.md runs 13-16).
     """
 
     def __init__(self, backend: str = "inductor", checkpoint_inside: bool = False):
