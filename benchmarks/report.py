@@ -2,7 +2,8 @@
 
 `benchmarks/results/*.jsonl` holds the JSON lines a GPU run printed, as they came. The README quotes a
 table between the markers `<!-- speed-table: FILE -->` and `<!-- /speed-table -->`; this script renders
-it from FILE, and tests/test_benchmarks.py checks the README's copy is that rendering:
+it from FILE, and tests/test_benchmarks.py checks the README's copy is that rendering. A marker may
+name the models it shows (`<!-- speed-table: FILE qwen2,glm4 -->`), where a later run replaced the others:
 
     python benchmarks/report.py benchmarks/results/FILE.jsonl   # print the table
     python benchmarks/report.py --update README.md              # rewrite every marked table
@@ -22,7 +23,7 @@ MIXES = {"chat": "Chat-甄嬛", "alpaca": "类 Alpaca", "long": "长对话"}
 # or all), least ratio to the fastest anchor (Unsloth or TRL) of the same mix and run
 TARGETS = {("deepseek", 5.5): (6000, ("chat",), 1.15), ("qwen2", 24): (13000, None, None),
            ("glm4", 24): (9000, None, None), ("qwen2", None): (None, None, 1.8)}
-BLOCK = re.compile(r"(<!-- speed-table: (\S+) -->\n)(.*?)(<!-- /speed-table -->)", re.S)
+BLOCK = re.compile(r"(<!-- speed-table: (\S+)(?: (\S+))? -->\n)(.*?)(<!-- /speed-table -->)", re.S)
 
 
 def load(path: Path) -> list[dict]:
@@ -97,9 +98,10 @@ def row(r: dict, records: list[dict], first: bool) -> str:
         f"| {model} | {recipe(r)} | {MIXES[r['mix']]} | | {speed} | | | | |"
 
 
-def table(path: Path) -> str:
-    """The markdown table of one results file: a row a configuration, grouped by model and cap."""
-    records = load(path)
+def table(path: Path, models: str | None = None) -> str:
+    """The markdown table of one results file: a row a configuration, grouped by model and cap; only
+    the models named (comma-separated keys of MODELS) where `models` is given."""
+    records = [r for r in load(path) if models is None or group(r)[0] in models.split(",")]
     groups = list(TARGETS) + sorted({group(r) for r in records} - set(TARGETS), key=str)
     records.sort(key=lambda r: (groups.index(group(r)), list(MIXES).index(r["mix"]), tool(r) != "course"))
     head = ("| 模型（显存上限） | 做法 | 数据 | 每步 token | tokens/s | 目标；对照（同一次运行里最快的 Unsloth / TRL 行） "
@@ -111,7 +113,7 @@ def table(path: Path) -> str:
 
 def update(text: str, root: Path = ROOT) -> str:
     """`text` with every marked table rendered again from the results file its marker names."""
-    return BLOCK.sub(lambda m: m[1] + table(root / m[2]) + m[4], text)
+    return BLOCK.sub(lambda m: m[1] + table(root / m[2], m[3]) + m[5], text)
 
 
 def main() -> None:

@@ -208,6 +208,9 @@ def test_the_speed_table_checks_targets_against_the_best_anchor_of_the_run(repor
     assert "≥ 6,000 ✓；1.10 倍 Unsloth（≥ 1.15 ✗）" in rows[0]
     assert "≥ 13,000 ✗" in rows[3] and "检查点层内" in rows[3]
     assert "课程，手动设置（检查点层外）" in rows[4] and "≥" not in rows[4]  # a variant is not the default
+    marked = f"<!-- speed-table: {results.name} qwen2,glm4 -->\nold\n<!-- /speed-table -->"
+    shown = report.update(marked, root=tmp_path).splitlines()[3:-1]  # a marker naming models shows only theirs
+    assert [r.split("|")[5].strip() for r in shown] == ["**12,999**", "12,000", "出错：out of GPU memory"]
 
 
 def test_the_readme_speed_tables_are_their_results_files_rendered(report) -> None:
