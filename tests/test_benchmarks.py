@@ -213,10 +213,10 @@ def test_the_speed_table_checks_targets_against_the_best_anchor_of_the_run(repor
     assert [r.split("|")[5].strip() for r in shown] == ["**12,999**", "12,000", "出错：out of GPU memory"]
 
 
-def test_the_readme_speed_tables_are_their_results_files_rendered(report) -> None:
+@pytest.mark.parametrize("doc", ["README.md", "docs/SPEED_HISTORY.md"])
+def test_the_readme_speed_tables_are_their_results_files_rendered(report, doc: str) -> None:
     """Every figure of a marked table comes from the committed JSON lines the GPU run printed."""
-    readme = registry.repo_root() / "README.md"
-    text = readme.read_text(encoding="utf-8")
-    assert report.BLOCK.search(text), "README.md has no <!-- speed-table: FILE --> block"
-    assert report.update(text) == text, "README's speed table differs from its results file: " \
-        "run python benchmarks/report.py --update README.md"
+    text = (registry.repo_root() / doc).read_text(encoding="utf-8")
+    assert report.BLOCK.search(text), f"{doc} has no <!-- speed-table: FILE --> block"
+    assert report.update(text) == text, f"a speed table of {doc} differs from its results file: " \
+        f"run python benchmarks/report.py --update {doc}"
