@@ -329,7 +329,10 @@ def format_table(estimates: list[MemoryEstimate]) -> str:
 # token_budget: the largest micro-batch (a multiple of BUDGET_STEP tokens, at most
 # MAX_BATCH_TOKENS) whose estimated peak stays MARGIN below the memory this process may use;
 # checkpointing is left off only where that still gives AUTO_NO_CHECKPOINT_TOKENS or more.
-MARGIN = 0.05  # of the GPU's memory, for the allocator's fragmentation and the estimate's error
+# MARGIN: of the GPU's memory, for the allocator's fragmentation and the estimate's error. DeepSeek-7B
+# QLoRA under 5.5 GiB (0.275 GiB kept free) reserved 0.27-0.35 GiB more than it allocated, the estimate
+# 0.06 above; long chats touched the cap in a few steps (18 allocator retries; H200, 2026-12-03, README run 21).
+MARGIN = 0.05
 BUDGET_STEP = 128
 MAX_BATCH_TOKENS = 16_384  # past this a step gains little speed and an epoch has few steps
 AUTO_NO_CHECKPOINT_TOKENS = 8_192

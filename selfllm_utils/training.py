@@ -341,11 +341,11 @@ class OffloadActivations:
         """Start copying a stored tensor back to its GPU on the side stream; (tensor, event).
 
         The GPU tensor comes from the compute stream's memory, in the order the host asks: once
-        backward is done with it, the next layer's tensors reuse it. Made on the side stream, it
-        stayed reserved until the GPU caught up with the host, which in backward runs ~10 layers
-        ahead: 0.5 GiB more reserved than allocated for DeepSeek-7B at 4,864 tokens, 1.2 GiB for
-        GLM-4-9B at 16,384 (one H200, 2026-12-03); under a 5.5 GiB cap the allocator then freed
-        its cache and waited for the GPU 8 times a step (`num_alloc_retries`), 20% slower.
+        backward is done with it, the next layer's tensors reuse it. Made on the side stream, each
+        stayed reserved until the GPU caught up with the host, which in backward runs many layers
+        ahead: DeepSeek-7B at 4,864 tokens reserved 0.54 GiB more than it allocated (0.27 this way),
+        and under a 5.5 GiB cap the allocator freed its cache and waited for the GPU 8 times a step
+        (`num_alloc_retries`): 20% slower (one H200, 2026-12-03: runs 20-21, docs/SPEED_HISTORY.md, README).
         """
         import torch
 
