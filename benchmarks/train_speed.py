@@ -147,10 +147,10 @@ CONFIGS: dict[str, tuple] = {
 
 
 WARMUP_STEPS = 3  # not timed: allocation, Triton autotuning, the first optimizer step
-# The synthetic training set holds this many runs' worth of packed steps. Packing leaves one
-# partly filled micro-batch (a learner's epoch: one in hundreds); from 1.3 runs' worth it fell
-# among the timed steps in most runs (784 tokens among 4,864-token steps, runs 19-20) and, each
-# step costing about the same host time, took 5-7% off a 4-bit run's tokens/s. The same for every tool.
+# The synthetic training set holds this many runs' worth of packed steps, for every tool, so a run
+# sees about as many packs as a learner's epoch. Packing leaves one partly filled micro-batch; the
+# sampler's seed decides where it falls, and in the timed steps a 4-bit run loses 3-10% (each step
+# costs about the same host time): 784 tokens in runs 19-20 (1.3 runs' worth), 2,804 and 1,662 in run 21.
 POOL_RUNS = 8
 
 
