@@ -3,7 +3,9 @@
 `benchmarks/results/*.jsonl` holds the JSON lines a GPU run printed, as they came. The README quotes a
 table between the markers `<!-- speed-table: FILE -->` and `<!-- /speed-table -->`; this script renders
 it from FILE, and tests/test_benchmarks.py checks the README's copy is that rendering. A marker may
-name the models it shows (`<!-- speed-table: FILE qwen2,glm4 -->`), where a later run replaced the others:
+name the models it shows (`<!-- speed-table: FILE qwen2,glm4 -->`), where a later run replaced the others.
+tokens/s counts every timed step; where a partly filled pack fell among them, the rate over full steps
+stands beside it, and tools are compared by that rate (`train_speed.full_steps_rate`):
 
     python benchmarks/report.py benchmarks/results/FILE.jsonl   # print the table
     python benchmarks/report.py --update README.md              # rewrite every marked table
@@ -65,7 +67,8 @@ def group(r: dict) -> tuple[str, float | None]:
 
 
 def versus(r: dict, records: list[dict]) -> str:
-    """The target the course's row must meet and its ratio to the best anchor of the same run."""
+    """The target the course's row must meet and its ratio to the best anchor of the same run:
+    over full steps only where every row has that rate (runs from 22 on; see `speed`)."""
     target = TARGETS.get(group(r))
     if not default(r) or not target or "tokens_per_s" not in r:
         return ""
@@ -76,8 +79,9 @@ def versus(r: dict, records: list[dict]) -> str:
     anchors = [a for a in records if tool(a) != "course" and group(a)[0] == group(r)[0]
                and a["mix"] == r["mix"] and "tokens_per_s" in a and a.get("cap_gib") == r.get("cap_gib")]
     if anchors:
-        best = max(anchors, key=lambda a: a["tokens_per_s"])
-        x = r["tokens_per_s"] / best["tokens_per_s"]
+        key = "tokens_per_s_full" if all(a.get("tokens_per_s_full") for a in anchors + [r]) else "tokens_per_s"
+        best = max(anchors, key=lambda a: a[key])
+        x = r[key] / best[key]
         name = "Unsloth" if tool(best) == "unsloth" else "TRL"
         out.append(f"{x:.2f} 倍 {name}{f'（≥ {ratio} ' + ('✓' if x >= ratio else '✗') + '）' if ratio else ''}")
     return "；".join(out)
@@ -90,6 +94,8 @@ def row(r: dict, records: list[dict], first: bool) -> str:
     tokens = r.get("batch_tokens") or r.get("pack_tokens")
     speed = f"**{r['tokens_per_s']:,}**" if default(r) and "tokens_per_s" in r else \
         f"{r['tokens_per_s']:,}" if "tokens_per_s" in r else "出错：" + r.get("error", "?")[-80:].replace("|", "/")
+    if r.get("short_steps"):  # a partly filled pack among the timed steps: the full steps' rate beside it
+        speed += f"（满步 {r['tokens_per_s_full']:,}）"
     memory = f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f}" if "peak_allocated_gib" in r else ""
     est = f"{r['estimate_allocated_gib']:.2f}" if r.get("estimate_allocated_gib") else ""
     first = f"{r['first_step_s']} s" if r.get("first_step_s") else ""
@@ -104,7 +110,10 @@ def table(path: Path, models: str | None = None) -> str:
     records = [r for r in load(path) if models is None or group(r)[0] in models.split(",")]
     groups = list(TARGETS) + sorted({group(r) for r in records} - set(TARGETS), key=str)
     records.sort(key=lambda r: (groups.index(group(r)), list(MIXES).index(r["mix"]), tool(r) != "course"))
-    head = ("| 模型（显存上限） | 做法 | 数据 | 每步 token | tokens/s | 目标；对照（同一次运行里最快的 Unsloth / TRL 行） "
+    anchors = [r for r in records if tool(r) != "course" and "tokens_per_s" in r]
+    full = bool(anchors) and all(r.get("tokens_per_s_full") for r in anchors)
+    head = ("| 模型（显存上限） | 做法 | 数据 | 每步 token | tokens/s | 目标；对照（同一次运行里最快的 Unsloth / TRL 行"
+            f"{'，按装满的步比' if full else ''}） "
             "| 峰值显存 已分配 / 已预留 (GiB) | 估算 (GiB) | 第 1 步（编译） |\n"
             "| --- | --- | --- | ---: | ---: | --- | --- | ---: | ---: |\n")
     return head + "".join(row(r, records, i == 0 or group(r) != group(records[i - 1])) + "\n"

@@ -15,7 +15,8 @@ in a fresh process so memory figures do not mix. Run on a GPU machine:
 Printed per configuration: tokens/s of real (non-pad) tokens, peak allocated and reserved GPU
 memory beside `memory.estimate_memory`'s estimate at the chosen budget, MFU against the bf16 matmul
 rate measured in the same run, the per-step losses (quality check: same data, same steps), each
-step's real tokens and seconds, and how many graphs compiling made.
+step's real tokens and seconds (and the rate over full steps only, which tools are compared by),
+and how many graphs compiling made.
 """
 
 from __future__ import annotations
@@ -148,9 +149,10 @@ CONFIGS: dict[str, tuple] = {
 
 WARMUP_STEPS = 3  # not timed: allocation, Triton autotuning, the first optimizer step
 # The synthetic training set holds this many runs' worth of packed steps, for every tool, so a run
-# sees about as many packs as a learner's epoch. Packing leaves one partly filled micro-batch; the
-# sampler's seed decides where it falls, and in the timed steps a 4-bit run loses 3-10% (each step
-# costs about the same host time): 784 tokens in runs 19-20 (1.3 runs' worth), 2,804 and 1,662 in run 21.
+# sees about as many packs as a learner's epoch. Packing leaves partly filled micro-batches; the
+# sampler's seed decides where they fall, and in the timed steps a 4-bit run loses 3-10% (each step
+# costs about the same host time): 784 tokens in runs 19-20, 2,804 and 1,662 in run 21. So every
+# row also carries `full_steps_rate`, and the report compares tools by it (from run 22 on).
 POOL_RUNS = 8
 
 
@@ -390,6 +392,7 @@ def run_unsloth(name: str, steps: int, tflops: float, workdir: Path) -> dict:
     trainer.add_callback(clock)
     losses_of = step_losses(trainer, 1)
     torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
     trainer.train()
     tps = training.tokens_per_second({"ranks": [{"tokens": counts, "step_times": clock.times}]}, 1,
                                      warmup=WARMUP_STEPS)
@@ -402,7 +405,7 @@ def run_unsloth(name: str, steps: int, tflops: float, workdir: Path) -> dict:
             "checkpointing": "unsloth", "loss_last5": round(sum(losses[-5:]) / len(losses[-5:]), 4),
             "losses": [round(x, 4) for x in losses], "load_s": round(load_s, 1), "steps": steps,
             "tokens_per_step": round(sum(counts[WARMUP_STEPS:steps]) / (steps - WARMUP_STEPS)),
-            "max_length": cfg.max_length}
+            "max_length": cfg.max_length, **steps_and_full_rate(counts, 1, started, clock.times)}
 
 
 def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
@@ -505,7 +508,6 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         "graphs": compiled_graphs(),  # Dynamo graphs made while training: more means recompiling
         # the untimed warm-up: allocation, autotuning and, with compiled layers, the compilation
         "first_step_s": round(clock.times[0] - started, 1), "warmup_s": round(clock.times[WARMUP_STEPS - 1] - started, 1),
-        # each step's real tokens and seconds: a nearly empty last pack in the timed steps shows here
         # Python's garbage collections while training: the host pauses, the GPU waits
         "gc_s": round(sum(s for _, _, s in pauses), 3), "gc_full": sum(g == 2 for g, _, _ in pauses),
         "gc_max_s": round(max((s for _, _, s in pauses), default=0.0), 3),
@@ -517,7 +519,9 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         # the allocator freed its cache and tried again (each time the GPU is waited for)
         "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
         "alloc_retries_steps": [b - a for a, b in zip([0] + host_ends.retries, host_ends.retries)],
-        **dict(zip(("step_tokens", "step_s"), per_step(counts, accumulation, started, clock.times))),
+        # each step's real tokens and seconds: a nearly empty pack in the timed steps shows here
+        **steps_and_full_rate(counts, accumulation, started, clock.times,
+                              packed=bool(cfg.packing or trl or opts.get("padded_packs"))),
     }
 
 
@@ -585,11 +589,35 @@ def gc_by_step(pauses: list[tuple[int, float, float]], host_ends: list[float],
             for gen, start, s in pauses if s >= min_s]
 
 
+def steps_and_full_rate(counts: list[int], accumulation: int, started: float, ends: list[float],
+                        packed: bool = True) -> dict:
+    """The per-step fields every tool's row carries: each step's tokens and seconds and, where
+    steps are packs of one size, the full-step rate (`full_steps_rate`) the report compares by."""
+    tokens, seconds = per_step(counts, accumulation, started, ends)
+    full, short = full_steps_rate(tokens, seconds) if packed else (None, None)
+    return {"step_tokens": tokens, "step_s": seconds, "tokens_per_s_full": full, "short_steps": short}
+
+
 def per_step(counts: list[int], accumulation: int, started: float, ends: list[float]) -> tuple[list, list]:
     """Each optimizer step's real tokens (its `accumulation` micro-batches) and seconds (the
     first from the start of training, so it holds the warm-up and any compiling)."""
     tokens = [sum(counts[i * accumulation:(i + 1) * accumulation]) for i in range(len(ends))]
     return tokens, [round(b - a, 3) for a, b in zip([started] + ends, ends)]
+
+
+def full_steps_rate(tokens: list[int], seconds: list[float], warmup: int = WARMUP_STEPS,
+                    share: float = 0.9) -> tuple[int, int]:
+    """Tokens/s over the timed steps that are full (at least `share` of the median timed step's
+    tokens), and how many timed steps were not. Packing leaves partly filled packs (the course
+    one, TRL's best fit a few); each costs about a full step's time, and whether one falls among
+    the timed steps follows each tool's sampler: every tool's rows get this same reading.
+    Timed as `training.tokens_per_second` times: steps after `warmup + 1`, none over 3x typical."""
+    timed = list(zip(tokens, seconds))[warmup + 1:]
+    typical_tokens = sorted(t for t, _ in timed)[len(timed) // 2]
+    typical_s = sorted(s for _, s in timed)[len(timed) // 2]
+    full = [(t, s) for t, s in timed if t >= share * typical_tokens and s < 3 * typical_s]
+    short = sum(t < share * typical_tokens for t, _ in timed)
+    return round(sum(t for t, _ in full) / sum(s for _, s in full)), short
 
 
 def compiled_graphs() -> int:

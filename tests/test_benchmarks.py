@@ -31,6 +31,14 @@ def test_per_step_figures_group_micro_batches_and_time_each_step(bench) -> None:
     assert seconds == [0.5, 1.5, 0.25]
 
 
+def test_the_full_step_rate_leaves_out_partly_filled_packs_and_the_warm_up(bench) -> None:
+    """Warm-up 1 (so steps 2 on are timed): a 500-token pack and a 5 s pause (a save) are left out."""
+    tokens = [1000, 1000, 1000, 500, 990, 1000, 1000]
+    seconds = [9.0, 9.0, 1.0, 0.9, 1.0, 5.0, 1.0]
+    assert bench.full_steps_rate(tokens, seconds, warmup=1) == (round(2990 / 3.0), 1)
+    assert bench.full_steps_rate(tokens, seconds, warmup=3) == (round(1990 / 2.0), 0)
+
+
 def test_profiled_kernels_split_by_kind_and_count_overlap_once(bench) -> None:
     """A matmul 0-0.4 s overlapping attention 0.3-0.5 s, a copy 0.45-0.9 s on the side stream
     (not compute) and a norm 1.0-1.1 s (times in microseconds, as the profiler gives them):
@@ -211,6 +219,26 @@ def test_the_speed_table_checks_targets_against_the_best_anchor_of_the_run(repor
     marked = f"<!-- speed-table: {results.name} qwen2,glm4 -->\nold\n<!-- /speed-table -->"
     shown = report.update(marked, root=tmp_path).splitlines()[3:-1]  # a marker naming models shows only theirs
     assert [r.split("|")[5].strip() for r in shown] == ["**12,999**", "12,000", "出错：out of GPU memory"]
+
+
+def test_tools_are_compared_by_their_full_steps_where_every_row_has_that_rate(report, tmp_path) -> None:
+    """A partly filled pack cost the course's row 10%: the ratio uses both tools' full-step rates
+    and the row shows that rate beside the one over every timed step; a run without the field
+    for every anchor keeps comparing all steps."""
+    unsloth = dict(unsloth="2026.10.9", pack_tokens=5120, cap_gib=5.5)
+    course = dict(batch_tokens=4864, cap_gib=5.5, checkpointing=True)
+    results = tmp_path / "run.jsonl"
+    results.write_text(_line("deepseek-unsloth-alpaca-5120", 7000, tokens_per_s_full=7000, short_steps=0, **unsloth)
+                       + _line("deepseek-qlora-course-alpaca", 7700, tokens_per_s_full=8400, short_steps=1, **course),
+                       encoding="utf-8")
+    head, _, row, *_ = report.table(results).split("\n")
+    assert "按装满的步比" in head
+    assert "**7,700**（满步 8,400）" in row and "1.20 倍 Unsloth（≥ 1.15 ✓）" in row
+    results.write_text(_line("deepseek-unsloth-alpaca-5120", 7000, **unsloth)
+                       + _line("deepseek-qlora-course-alpaca", 7700, tokens_per_s_full=8400, short_steps=1, **course),
+                       encoding="utf-8")
+    head, _, row, *_ = report.table(results).split("\n")
+    assert "按装满的步比" not in head and "1.10 倍 Unsloth（≥ 1.15 ✗）" in row
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/SPEED_HISTORY.md"])
