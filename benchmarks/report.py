@@ -3,7 +3,8 @@
 `benchmarks/results/*.jsonl` holds the JSON lines a GPU run printed, as they came. The README quotes a
 table between the markers `<!-- speed-table: FILE -->` and `<!-- /speed-table -->`; this script renders
 it from FILE, and tests/test_benchmarks.py checks the README's copy is that rendering. A marker may
-name the models it shows (`<!-- speed-table: FILE qwen2,glm4 -->`), where a later run replaced the others.
+name the models it shows (`<!-- speed-table: FILE qwen2,glm4 -->`, or one cap: `qwen2@24`, `qwen2@none`), where a
+later run replaced the others. Rows a second machine ran (see `load`) are compared only with that machine's.
 tokens/s counts every timed step; where a partly filled pack fell among them, the rate over full steps
 stands beside it, and tools are compared by that rate (`train_speed.full_steps_rate`):
 
@@ -29,11 +30,15 @@ BLOCK = re.compile(r"(<!-- speed-table: (\S+)(?: (\S+))? -->\n)(.*?)(<!-- /speed
 
 
 def load(path: Path) -> list[dict]:
-    """The configuration lines of a run (checks and blank lines left out), in the order they ran."""
+    """The configuration lines of a run (checks and blank lines left out), in the order they ran.
+    A run's first line (`"run": N`) may list, as `second_machine`, the configurations a fresh
+    machine ran after the first was handed back: each record's `machine` is 1 or 2."""
     lines = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.startswith("{")]
+    later = set(next((l for l in lines if "run" in l), {}).get("second_machine", []))
     records = [r for r in lines if "config" in r and "profiled" not in r]
     for r in records:  # a configuration that failed printed only its name and error
         r.setdefault("mix", next((m for m in MIXES if f"-{m}" in r["config"]), "chat"))
+        r["machine"] = 2 if r["config"] in later else 1
     return records
 
 
@@ -44,6 +49,10 @@ def tool(r: dict) -> str:
 
 
 def recipe(r: dict) -> str:
+    return _recipe(r) + ("（第二台机器）" if r.get("machine") == 2 else "")
+
+
+def _recipe(r: dict) -> str:
     if tool(r) == "unsloth":
         return f"Unsloth {r['unsloth']}（packing {r['pack_tokens']:,}，它的检查点，adamw_8bit）"
     if tool(r) == "trl":
@@ -78,6 +87,9 @@ def versus(r: dict, records: list[dict]) -> str:
         out.append(f"≥ {least:,} {'✓' if r['tokens_per_s'] >= least else '✗'}")
     anchors = [a for a in records if tool(a) != "course" and group(a)[0] == group(r)[0]
                and a["mix"] == r["mix"] and "tokens_per_s" in a and a.get("cap_gib") == r.get("cap_gib")]
+    if anchors and all(a["machine"] != r["machine"] for a in anchors):
+        out.append("对照在另一台机器上，不比")  # speeds differ between machines: compare within one
+    anchors = [a for a in anchors if a["machine"] == r["machine"]]
     if anchors:
         key = "tokens_per_s_full" if all(a.get("tokens_per_s_full") for a in anchors + [r]) else "tokens_per_s"
         best = max(anchors, key=lambda a: a[key])
@@ -104,10 +116,16 @@ def row(r: dict, records: list[dict], first: bool) -> str:
         f"| {model} | {recipe(r)} | {MIXES[r['mix']]} | | {speed} | | | | |"
 
 
+def shown(r: dict, models: str) -> bool:
+    """Whether a marker's list (`qwen2,glm4`, or `qwen2@24,qwen2@none`: a model under one cap) takes `r`."""
+    key, cap = group(r)
+    return any(m in (key, f"{key}@{'none' if cap is None else f'{cap:g}'}") for m in models.split(","))
+
+
 def table(path: Path, models: str | None = None) -> str:
     """The markdown table of one results file: a row a configuration, grouped by model and cap; only
     the models named (comma-separated keys of MODELS) where `models` is given."""
-    records = [r for r in load(path) if models is None or group(r)[0] in models.split(",")]
+    records = [r for r in load(path) if models is None or shown(r, models)]
     groups = list(TARGETS) + sorted({group(r) for r in records} - set(TARGETS), key=str)
     records.sort(key=lambda r: (groups.index(group(r)), list(MIXES).index(r["mix"]), tool(r) != "course"))
     anchors = [r for r in records if tool(r) != "course" and "tokens_per_s" in r]

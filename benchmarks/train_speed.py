@@ -503,6 +503,8 @@ def run_one(name: str, steps: int, tflops: float, workdir: Path) -> dict:
         "max_length": cfg.max_length, "pack_tokens": opts.get("pack_tokens"),
         "offload": bool(getattr(trainer, "offload", None)),
         "host_gib": round(trainer.offload.host_bytes / 2**30, 2) if getattr(trainer, "offload", None) else None,
+        # the pinned buffers the copies were cut from, beside the allocator's peak (other pinned blocks too)
+        "host_capacity_gib": round(trainer.offload.host_capacity / 2**30, 2) if getattr(trainer, "offload", None) else None,
         "estimate_host_gib": round(est.host_gib, 2) if est and hasattr(est, "host_gib") else None,
         "pinned_host_peak_gib": pinned_peak_gib(), "compiled": bool(getattr(trainer, "compiled", None)),
         "graphs": compiled_graphs(),  # Dynamo graphs made while training: more means recompiling

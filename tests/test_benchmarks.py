@@ -241,6 +241,27 @@ def test_tools_are_compared_by_their_full_steps_where_every_row_has_that_rate(re
     assert "按装满的步比" not in head and "1.10 倍 Unsloth（≥ 1.15 ✗）" in row
 
 
+def test_rows_of_a_second_machine_are_compared_only_with_that_machines(report, tmp_path) -> None:
+    """Unsloth and one course row ran on a fresh machine: only that row gets a ratio; a marker
+    naming model@cap shows that group alone."""
+    unsloth = dict(unsloth="2026.10.9", pack_tokens=5120, cap_gib=5.5)
+    course = dict(batch_tokens=4864, cap_gib=5.5, checkpointing=True)
+    results = tmp_path / "run.jsonl"
+    results.write_text(json.dumps({"run": 22, "second_machine": ["deepseek-unsloth-chat-5120", "deepseek-unsloth-long-5120",
+                                                                 "deepseek-qlora-course-long"]}) + "\n"
+                       + _line("deepseek-qlora-course-chat", 10000, **course)
+                       + _line("qwen2-course-chat", 17000, batch_tokens=16384)
+                       + _line("deepseek-unsloth-chat-5120", 5000, **unsloth)
+                       + _line("deepseek-unsloth-long-5120", 5000, **unsloth)
+                       + _line("deepseek-qlora-course-long", 6000, **course), encoding="utf-8")
+    rows = report.table(results).splitlines()[2:]
+    assert "对照在另一台机器上，不比" in rows[0] and "倍" not in rows[0]
+    assert "1.20 倍 Unsloth" in rows[2] and "（第二台机器）" in rows[2] and "（第二台机器）" in rows[3]
+    shown = report.update(f"<!-- speed-table: {results.name} qwen2@none -->\n<!-- /speed-table -->",
+                          root=tmp_path).splitlines()[3:-1]
+    assert [r.split("|")[5].strip() for r in shown] == ["**17,000**"]
+
+
 @pytest.mark.parametrize("doc", ["README.md", "docs/SPEED_HISTORY.md"])
 def test_the_readme_speed_tables_are_their_results_files_rendered(report, doc: str) -> None:
     """Every figure of a marked table comes from the committed JSON lines the GPU run printed."""
