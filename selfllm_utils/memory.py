@@ -85,7 +85,8 @@ LIGER_LAYER_FACTOR = 0.70
 # With the checkpoint inside each compiled layer (TrainConfig.checkpoint_inside) the backward holds
 # more of a layer at once: one H200 (2026-12-03, transformers 5.24, docs/SPEED_HISTORY.md runs 13-16) measured Qwen2-7B
 # at 22.18 GiB (16,384 tokens) and 22.06 (16,128), GLM-4-9B offloaded at 21.74 (16,384): GLM-4's, the
-# larger factor (Qwen2 alone would need 0.92).
+# larger factor (Qwen2 alone would need 0.92). Run 22 (README) put GLM-4 on Chat-甄嬛 at 21.83, 0.4% above:
+# within MARGIN (1.14 would cover it, and cut Qwen2's step at 24 GiB from 16,128 to 15,872 tokens).
 CKPT_INSIDE_LAYER_FACTOR = 1.11
 # With offloaded activations, layer inputs on the GPU at once besides the layer at work; with 1
 # the estimate was 5% above the peaks measured on one H200 at 4,096-6,144 tokens (2026-12-02).
