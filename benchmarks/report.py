@@ -77,7 +77,8 @@ def group(r: dict) -> tuple[str, float | None]:
 
 def versus(r: dict, records: list[dict]) -> str:
     """The target the course's row must meet and its ratio to the best anchor of the same run:
-    over full steps only where every row has that rate (runs from 22 on; see `speed`)."""
+    over full steps where this row and its anchors all have that rate (runs from 22 on), and only
+    against anchors that ran on the same machine."""
     target = TARGETS.get(group(r))
     if not default(r) or not target or "tokens_per_s" not in r:
         return ""
@@ -124,7 +125,7 @@ def shown(r: dict, models: str) -> bool:
 
 def table(path: Path, models: str | None = None) -> str:
     """The markdown table of one results file: a row a configuration, grouped by model and cap; only
-    the models named (comma-separated keys of MODELS) where `models` is given."""
+    the models named (comma-separated keys of MODELS, or key@cap: see `shown`) where `models` is given."""
     records = [r for r in load(path) if models is None or shown(r, models)]
     groups = list(TARGETS) + sorted({group(r) for r in records} - set(TARGETS), key=str)
     records.sort(key=lambda r: (groups.index(group(r)), list(MIXES).index(r["mix"]), tool(r) != "course"))
