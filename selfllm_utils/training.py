@@ -895,7 +895,11 @@ class CompiledLayers(TrainerCallback):
     forward again. Inside (`checkpoint_inside`, `TrainConfig.checkpoint_inside`) AOTAutograd's
     backward recomputes only what it reads (no down projection): Qwen2-7B under 24 GiB ran 8%
     faster, but the backward holds more at once and compiling takes longer; `memory.token_budget`
-    weighs that (H200, 2026-12-03, docs/SPEED_HISTORY.md runs 13-16).
+    weighs that (H200, 2026-12-03, docs/SPEED_HISTORY.md runs 13-16). From transformers 5.25 (which
+    installs `kernels`) each attention forward sets and resets a module-level context variable;
+    inside a checkpoint Dynamo would break the graph there, since eager checkpointing replays side
+    effects in the recompute. This one leaves nothing behind, so Dynamo is told not to replay it
+    (`skip_fwd_side_effects_in_bwd_under_checkpoint`, while training only).
     """
 
     def __init__(self, backend: str = "inductor", checkpoint_inside: bool = False):
@@ -903,6 +907,7 @@ class CompiledLayers(TrainerCallback):
         self.checkpoint_inside = checkpoint_inside
         self.layers: list = []
         self.checkpointed: list = []  # layers whose checkpoint this callback runs
+        self._skip_side_effects: bool | None = None  # Dynamo's setting before training, restored after
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from transformers.modeling_layers import GradientCheckpointingLayer
@@ -916,6 +921,12 @@ class CompiledLayers(TrainerCallback):
                                                   layer._gradient_checkpointing_func)
         for layer in self.layers:
             layer.compile(dynamic=True, backend=self.backend)
+        import torch._dynamo.config as dynamo
+
+        if self.checkpoint_inside and self.checkpointed and \
+                hasattr(dynamo, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # not in every torch
+            self._skip_side_effects = dynamo.skip_fwd_side_effects_in_bwd_under_checkpoint
+            dynamo.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         if not self.checkpoint_inside:  # around: the compiled call under the checkpoint
             for layer in self.checkpointed:
                 layer._compiled_call_impl = functools.partial(self._checkpointed, layer, layer._compiled_call_impl,
@@ -937,6 +948,11 @@ class CompiledLayers(TrainerCallback):
         for layer in self.checkpointed:
             layer.gradient_checkpointing = True
             vars(layer).pop("forward", None)  # the class's forward again
+        if self._skip_side_effects is not None:
+            import torch._dynamo.config as dynamo
+
+            dynamo.skip_fwd_side_effects_in_bwd_under_checkpoint = self._skip_side_effects
+            self._skip_side_effects = None
         self.layers, self.checkpointed = [], []
 
 

@@ -732,12 +732,15 @@ def test_compiled_layers_place_the_checkpoint_around_or_inside(smoke_models, exa
     fast.on_train_begin(None, None, None, model=model)
     torch._dynamo.reset()
     compiled.on_train_begin(None, None, None, model=model)
+    # inside, the attention's scoped side effect (transformers >= 5.25 with `kernels`) is not replayed
+    assert torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint is inside
     loss = model(**batch).loss
     loss.backward()
     torch.testing.assert_close(loss, plain_loss)
     per_layer = sum(1 for m in model.modules() if training.FastLora.applies(m)) // model.config.num_hidden_layers
     compiled.on_train_end(None, None, None)
     fast.on_train_end(None, None, None)
+    assert torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint is False  # restored
     layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     assert [m.gradient_checkpointing for m in layers] == [True] * (len(layers) - 1) + [False]  # restored
     assert not any("forward" in vars(m) for m in layers)  # the class's forward again
