@@ -910,6 +910,7 @@ class CompiledLayers(TrainerCallback):
         self._skip_side_effects: bool | None = None  # Dynamo's setting before training, restored after
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        import torch._dynamo.config as dynamo
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         self.layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -921,8 +922,6 @@ class CompiledLayers(TrainerCallback):
                                                   layer._gradient_checkpointing_func)
         for layer in self.layers:
             layer.compile(dynamic=True, backend=self.backend)
-        import torch._dynamo.config as dynamo
-
         if self.checkpoint_inside and self.checkpointed and \
                 hasattr(dynamo, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # not in every torch
             self._skip_side_effects = dynamo.skip_fwd_side_effects_in_bwd_under_checkpoint

@@ -236,7 +236,7 @@ def test_estimate_of_offloaded_glm4_is_within_the_margin() -> None:
 
 
 def test_estimate_of_offloaded_glm4_holds_its_pinned_peak_with_the_checkpoint_inside() -> None:
-    """The rotary tables each layer saves besides its input take a buffer of their own."""
+    """The two tensors of rotary-table size each layer saves besides its input take a buffer of their own."""
     tokens, copied, pinned = MEASURED_H200_OFFLOAD_GLM4_INSIDE
     kw = dict(optimizer="adamw_torch_fused", liger=True, embeddings_on_cpu=True, offload_activations=True)
     est = memory.estimate_memory("glm4", "bf16", tokens, checkpoint_inside=True, **kw)
