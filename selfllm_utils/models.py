@@ -156,7 +156,10 @@ def load_model(tutorial: Tutorial, quant: str = "bf16", smoke_mode: bool | None 
     # grow memory segments instead of caching fixed blocks: reserved stays near allocated
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     dtype = load_dtype()
-    kwargs = {"dtype": dtype}
+    # transformers 5.25 turns on Hub kernels whenever `kernels` is installed (it now requires it) and
+    # fetches them at load time: offline, a GPU load fails ("kernels-community/rotary ... offline
+    # mode", H200 2026-12-04). The course's compiled layers fuse the same work without a download.
+    kwargs = {"dtype": dtype, "use_kernels": False}
     if cuda and not is_deepspeed_zero3_enabled():  # under ZeRO-3, DeepSpeed places each slice
         rank = os.environ.get("LOCAL_RANK")
         kwargs["device_map"] = {"": int(rank) if rank else torch.cuda.current_device()}

@@ -31,6 +31,14 @@ def test_load_bf16(smoke_models) -> None:
     assert torch.isfinite(model(**_batch(tokenizer)).loss)
 
 
+@pytest.mark.parametrize("quant", ["bf16", "4bit"])
+def test_load_fetches_no_hub_kernels(smoke_models, quant: str) -> None:
+    """transformers 5.25 kernelizes every model when `kernels` is installed, fetching kernels from
+    the Hub at load time: offline on a GPU that load fails. The course keeps the torch path."""
+    model, _ = smoke_models.model(KEY, quant=quant)
+    assert not model.use_kernels
+
+
 def test_load_4bit(smoke_models) -> None:
     from bitsandbytes.nn import Linear4bit
 
