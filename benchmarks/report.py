@@ -32,10 +32,13 @@ BLOCK = re.compile(r"(<!-- speed-table: (\S+)(?: (\S+))? -->\n)(.*?)(<!-- /speed
 def load(path: Path) -> list[dict]:
     """The configuration lines of a run (checks and blank lines left out), in the order they ran.
     A run's first line (`"run": N`) may list, as `second_machine`, the configurations a fresh
-    machine ran after the first was handed back: each record's `machine` is 1 or 2."""
+    machine ran after the first was handed back: each record's `machine` is 1 or 2. A configuration
+    run again (its first try failed; the first line says why) counts by its last line."""
     lines = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.startswith("{")]
     later = set(next((l for l in lines if "run" in l), {}).get("second_machine", []))
     records = [r for r in lines if "config" in r and "profiled" not in r]
+    last = {r["config"]: i for i, r in enumerate(records)}
+    records = [r for i, r in enumerate(records) if last[r["config"]] == i]
     for r in records:  # a configuration that failed printed only its name and error
         r.setdefault("mix", next((m for m in MIXES if f"-{m}" in r["config"]), "chat"))
         r["machine"] = 2 if r["config"] in later else 1

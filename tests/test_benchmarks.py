@@ -262,6 +262,18 @@ def test_rows_of_a_second_machine_are_compared_only_with_that_machines(report, t
     assert [r.split("|")[5].strip() for r in shown] == ["**17,000**"]
 
 
+def test_a_configuration_run_again_counts_by_its_last_line(report, tmp_path) -> None:
+    """Run 23 tried the Qwen2 rows on a library that failed at load, then ran them again: the table
+    shows the second line once, in the place it ran; the file keeps both."""
+    results = tmp_path / "run.jsonl"
+    results.write_text('{"config": "qwen2-course-24g-chat", "mix": "chat", "cap_gib": 24, "error": "offline"}\n'
+                       + _line("glm4-course-24g-chat", 10000, batch_tokens=16384, cap_gib=24)
+                       + _line("qwen2-course-24g-chat", 13900, batch_tokens=16128, cap_gib=24), encoding="utf-8")
+    assert [r["config"] for r in report.load(results)] == ["glm4-course-24g-chat", "qwen2-course-24g-chat"]
+    rows = report.table(results).splitlines()[2:]
+    assert [r.split("|")[5].strip() for r in rows] == ["**13,900**", "**10,000**"]
+
+
 @pytest.mark.parametrize("doc", ["README.md", "docs/SPEED_HISTORY.md"])
 def test_the_readme_speed_tables_are_their_results_files_rendered(report, doc: str) -> None:
     """Every figure of a marked table comes from the committed JSON lines the GPU run printed."""
