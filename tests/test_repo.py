@@ -86,6 +86,29 @@ def test_notebooks_do_not_read_the_workplace_shared_folder():
         assert '"shared"' not in code and "../shared" not in code, path.name
 
 
+def _calls(code: str, name: str) -> list[str]:
+    """The text of each call `name(...)` in `code`, up to its closing bracket."""
+    calls, start = [], code.find(name + "(")
+    while start >= 0:
+        depth, i = 0, start + len(name)
+        for i in range(start + len(name), len(code)):
+            depth += {"(": 1, ")": -1}.get(code[i], 0)
+            if depth == 0:
+                break
+        calls.append(code[start:i + 1])
+        start = code.find(name + "(", i)
+    return calls
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOK_FILES, ids=[p.name for p in NOTEBOOK_FILES])
+def test_notebooks_load_models_without_hub_kernels(notebook: Path) -> None:
+    """A model a notebook loads itself passes use_kernels=False, as models.load_model does: with
+    transformers 5.25 and `kernels` installed, loading fetches kernels from the Hub and fails offline."""
+    code = "\n".join(_source(c) for c in _code_cells(notebook))
+    loads = _calls(code, "AutoModelForCausalLM.from_pretrained")
+    assert all("use_kernels=False" in call for call in loads), f"{notebook.name}: {loads}"
+
+
 def test_ci_pins_every_lower_bound() -> None:
     """.ci/run's pin script turns each `>=` bound of pyproject into `==` (torch excepted)."""
     import re
