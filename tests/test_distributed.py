@@ -712,15 +712,16 @@ def test_ctrl_c_ends_the_launch_in_one_line_and_keeps_the_checkpoint(tmp_path: P
 
     if not registry.smoke_mode():
         pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
-    out, log, every = tmp_path / "run", tmp_path / "log.txt", 3
+    # a checkpoint every 20 steps lives about 40 (save_total_limit=2 removes it two saves later):
+    # seconds on a busy 2-core machine, where one every 3 steps could come and go between two looks
+    out, log, every = tmp_path / "run", tmp_path / "log.txt", 20
     cmd = [sys.executable, "-m", "selfllm_utils.cli", "torchrun", "--standalone", "--nproc_per_node", "2",
            "-m", "selfllm_utils.train_zero3", "--tutorial", TUTORIAL.key, "--output", str(out),
            "--max-steps", "1000", "--eval-steps", str(every)]  # the course's pick on CPUs: ddp
-    first = out / f"checkpoint-{every}"
     with log.open("w") as sink:
         launcher = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            while checkpoints.problem(first) is not None:  # trainer_state.json comes last
+        try:  # the first complete checkpoint, whichever step it is (trainer_state.json comes last)
+            while (first := checkpoints.newest_complete(out, say=lambda line: None)) is None:
                 assert launcher.poll() is None, log.read_text()[-3000:]
                 try:
                     launcher.wait(timeout=0.2)
