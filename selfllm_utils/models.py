@@ -158,7 +158,8 @@ def load_model(tutorial: Tutorial, quant: str = "bf16", smoke_mode: bool | None 
     dtype = load_dtype()
     # transformers 5.25 turns on Hub kernels whenever `kernels` is installed (it now requires it) and
     # fetches them at load time: offline, a GPU load fails ("kernels-community/rotary ... offline
-    # mode", H200 2026-12-04). The course's compiled layers fuse the same work without a download.
+    # mode", H200 2026-12-04). On a GPU the course compiles each layer, which fuses the rotary
+    # embedding those kernels speed up, with nothing to download.
     kwargs = {"dtype": dtype, "use_kernels": False}
     if cuda and not is_deepspeed_zero3_enabled():  # under ZeRO-3, DeepSpeed places each slice
         rank = os.environ.get("LOCAL_RANK")

@@ -712,8 +712,8 @@ def test_ctrl_c_ends_the_launch_in_one_line_and_keeps_the_checkpoint(tmp_path: P
 
     if not registry.smoke_mode():
         pytest.skip("runs the smoke model; set SELFLLM_SMOKE=1")
-    # a checkpoint every 20 steps lives about 40 (save_total_limit=2 removes it two saves later):
-    # seconds on a busy 2-core machine, where one every 3 steps could come and go between two looks
+    # A checkpoint every 20 steps lives 40 steps (save_total_limit=2 removes it two saves later),
+    # seconds on a busy 2-core machine; one every 3 steps could come and go between two looks.
     out, log, every = tmp_path / "run", tmp_path / "log.txt", 20
     cmd = [sys.executable, "-m", "selfllm_utils.cli", "torchrun", "--standalone", "--nproc_per_node", "2",
            "-m", "selfllm_utils.train_zero3", "--tutorial", TUTORIAL.key, "--output", str(out),
